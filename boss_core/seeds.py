@@ -1,0 +1,56 @@
+"""Per-sample seeds: sample i's noise depends on (seed, i) only.
+
+Like EDM's ``StackedRandomGenerator``: the noise of sample i is the same whatever the batch
+size, the shard it falls in, or the device, so sharded runs reproduce single-process runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit generator seed for sample ``index`` of ``stream`` under ``seed``.
+
+    Streams keep unrelated uses apart (0: sampling noise, 1: training steps, ...).
+    """
+    if min(seed, index, stream) < 0:
+        raise ValueError(f"seed, index and stream must be >= 0, got {seed}, {index}, {stream}")
+    state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(
+        2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def sample_noise(
+    shape: tuple[int, ...],
+    seed: int,
+    start: int,
+    count: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Standard normal noise for samples ``start .. start + count - 1``.
+
+    Args:
+        shape: per-sample shape, e.g. (1, 8, 8).
+    Returns:
+        (count, *shape) tensor; row r is drawn from ``sample_seed(seed, start + r)`` on the CPU
+        in float32 and then cast and moved, so it is identical on every device.
+    """
+    if count < 0 or start < 0:
+        raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
+    rows = []
+    gen = torch.Generator(device="cpu")
+    for index in range(start, start + count):
+        gen.manual_seed(sample_seed(seed, index))
+        rows.append(torch.randn(shape, generator=gen, dtype=torch.float32))
+    out = torch.stack(rows) if rows else torch.empty((0, *shape))
+    return out.to(dtype=dtype, device=device)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for training step ``step``: resuming at any step replays it exactly."""
+    return torch.Generator(device="cpu").manual_seed(sample_seed(seed, step, stream=1))
