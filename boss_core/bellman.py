@@ -15,6 +15,8 @@ path the lexicographically smallest optimal one.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .cost import CostMatrix
@@ -39,14 +41,21 @@ def check_cost(cost) -> np.ndarray:
     if np.isnan(values).any():
         i, j = np.argwhere(np.isnan(values))[0]
         raise ValueError(f"cost contains NaN (first at [{i}, {j}])")
-    upper = values[np.triu_indices_from(values, k=1)]
-    if not np.all(np.isfinite(upper)):
+    upper = _upper_mask(values.shape[0])
+    if not np.isfinite(values[upper]).all():
         raise ValueError("cost has a non-finite entry above the diagonal")
-    if np.any(upper < 0):
-        raise ValueError(f"cost has a negative entry above the diagonal (min {upper.min():.3g})")
-    values = values.copy()
-    values[np.tril_indices_from(values)] = np.inf
-    return values
+    if (values[upper] < 0).any():
+        raise ValueError(
+            f"cost has a negative entry above the diagonal (min {values[upper].min():.3g})")
+    return np.where(upper, values, np.inf)
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_mask(size: int) -> np.ndarray:
+    """(size, size) bool, True strictly above the diagonal; cached, read-only."""
+    mask = np.triu(np.ones((size, size), dtype=bool), k=1)
+    mask.setflags(write=False)
+    return mask
 
 
 def _check_discount(discount: float) -> float:
@@ -68,11 +77,16 @@ def bellman_table(values: np.ndarray, max_nfe: int, discount: float = 1.0):
     value = np.full((max_nfe + 1, n + 1), np.inf)
     choice = np.zeros((max_nfe + 1, n + 1), dtype=np.int64)
     value[0, n] = 0.0
-    rows = np.arange(n + 1)
+    total = np.empty_like(values)  # total[j, l] = c(j, l) + gamma V_{k-1}(l)
+    future = np.empty(n + 1)
+    flat_row_start = np.arange(n + 1) * (n + 1)
     for k in range(1, max_nfe + 1):
-        total = values + discount * value[k - 1][None, :]  # (N+1, N+1): total[j, l]
-        choice[k] = np.argmin(total, axis=1)
-        value[k] = total[rows, choice[k]]
+        rows = n - k + 1  # V_k(j) is +inf for j > N - k: too few grid points left
+        np.multiply(value[k - 1], discount, out=future)
+        np.add(values[:rows], future, out=total[:rows])
+        best = total[:rows].argmin(axis=1)
+        choice[k, :rows] = best
+        value[k, :rows] = total.ravel()[flat_row_start[:rows] + best]
     return value, choice
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, iter_batches
 from .grids import check_n_steps, uniform_grid
-from .sampling import Trajectory, euler_trajectory
+from .sampling import TEACHER_SOLVERS, Trajectory, euler_trajectory
 from .velocity import VelocityFn
 
 
@@ -136,6 +136,7 @@ def cost_matrix(
     *,
     extras: Mapping[str, Any] | None = None,
     method: str = "gram",
+    solver: str = "euler",
     progress: bool = False,
 ) -> CostMatrix:
     """The BOSS cost from N-step uniform Euler teacher paths, batch by batch.
@@ -145,18 +146,23 @@ def cost_matrix(
         noise: (M, ...) tensor, or an iterable of (B, ...) batches or (batch, extras) pairs.
             Peak memory is set by ``batch_size`` (states (N+1, B, ...)), never by M.
         n_steps: N, the fine-grid steps.
+        method: "gram" or "direct" (see ``trajectory_cost_sum``).
+        solver: the teacher's integrator, "euler" (BOSS; c(i, i+1) = 0) or "heun" (2N calls,
+            a more accurate teacher path; c(i, i+1) > 0).
     Returns:
         CostMatrix with the float64 sum over all M samples.
     """
     n = check_n_steps(n_steps)
     if method not in ("gram", "direct"):
         raise ValueError(f"unknown cost method {method!r}; use 'gram' or 'direct'")
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; use one of {TEACHER_SOLVERS}")
     grid = uniform_grid(n)
     total = np.zeros((n + 1, n + 1), dtype=np.float64)
     count = 0
     for x, ex in tqdm(iter_batches(noise, batch_size, extras), desc="cost matrix",
                       unit="batch", disable=not progress):
-        traj = euler_trajectory(velocity, x, grid, extras=ex)
+        traj = euler_trajectory(velocity, x, grid, extras=ex, solver=solver)
         total += trajectory_cost_sum(traj, method=method)
         count += x.shape[0]
     if count == 0:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, check_batch_size, collect, slice_extras
 from .grids import check_n_steps, check_nfe, uniform_grid
-from .sampling import euler_step, euler_trajectory
+from .sampling import TEACHER_SOLVERS, euler_step, euler_trajectory
 from .schedule import Schedule
 from .velocity import VelocityFn, evaluate_velocity
 
@@ -84,6 +84,7 @@ def global_schedules(
     batch_size: int = 256,
     *,
     extras: Mapping[str, Any] | None = None,
+    solver: str = "euler",
     progress: bool = False,
 ) -> dict[int, Schedule]:
     """End-point-error schedules for every K = 1..max_nfe (see the module docstring).
@@ -92,6 +93,7 @@ def global_schedules(
         velocity: the teacher v(x, t, **extras).
         noise: (M, ...) tensor or an iterable of batches; all M states are held per layer.
         n_steps: N; max_nfe: K_max with 1 <= K_max <= N.
+        solver: the teacher's integrator for the targets X_j, "euler" or "heun".
     Returns:
         {K: Schedule} named "bellman_global"; ``.cost`` is the mean squared end-point error
         against the N-step teacher from the same noise.
@@ -99,11 +101,14 @@ def global_schedules(
     n = check_n_steps(n_steps)
     k_max = check_nfe(max_nfe, n, name="max_nfe")
     check_batch_size(batch_size)
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; use one of {TEACHER_SOLVERS}")
     x0, ex = collect(noise, extras)
     grid = uniform_grid(n)
 
     def teacher_states(xb, eb):
-        return euler_trajectory(velocity, xb, grid, extras=eb).states.transpose(0, 1)
+        traj = euler_trajectory(velocity, xb, grid, extras=eb, solver=solver)
+        return traj.states.transpose(0, 1)
 
     teacher = _batched(teacher_states, x0, ex, batch_size).transpose(0, 1)  # (N+1, M, ...)
     target_end = teacher[n].to(torch.float64)

@@ -79,6 +79,15 @@ def euler_sample(
     return x_cur
 
 
+def heun_step(velocity: VelocityFn, x_cur: Tensor, v_cur: Tensor, t_cur: float, t_next: float,
+              *, step: int, extras: Mapping[str, Any] | None = None) -> Tensor:
+    """One Heun step given v_cur = v(x_cur, t_cur); one more network call (the corrector)."""
+    h = t_next - t_cur
+    x_pred = x_cur + h * v_cur
+    v_next = evaluate_velocity(velocity, x_pred, t_next, step=f"{step} (corrector)", extras=extras)
+    return x_cur + (0.5 * h) * (v_cur + v_next)
+
+
 @torch.no_grad()
 def heun_sample(
     velocity: VelocityFn,
@@ -92,15 +101,13 @@ def heun_sample(
     x_cur = noise
     for k in range(grid.shape[0] - 1):
         t_cur, t_next = float(grid[k]), float(grid[k + 1])
-        h = t_next - t_cur
         v_cur = evaluate_velocity(velocity, x_cur, t_cur, step=k, extras=extras)
-        x_pred = x_cur + h * v_cur
-        v_next = evaluate_velocity(velocity, x_pred, t_next, step=f"{k} (corrector)", extras=extras)
-        x_cur = x_cur + (0.5 * h) * (v_cur + v_next)
+        x_cur = heun_step(velocity, x_cur, v_cur, t_cur, t_next, step=k, extras=extras)
     return x_cur
 
 
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
+TEACHER_SOLVERS = tuple(SAMPLERS)
 
 
 @torch.no_grad()
@@ -110,11 +117,16 @@ def euler_trajectory(
     times,
     *,
     extras: Mapping[str, Any] | None = None,
+    solver: str = "euler",
 ) -> Trajectory:
-    """Run Euler on ``times`` and keep every state and velocity (see ``Trajectory``).
+    """Run the teacher on ``times`` and keep every state and velocity (see ``Trajectory``).
 
-    The last state equals ``euler_sample(velocity, noise, times)`` bit for bit.
+    solver="euler" (N calls): the last state equals ``euler_sample`` bit for bit.
+    solver="heun" (2N calls): states follow ``heun_sample``; velocities[k] is still
+    v(x_k, t_k), the slope a student's Euler step from x_k would take (GITS-style teacher).
     """
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; use one of {TEACHER_SOLVERS}")
     grid = as_grid(times)
     n = grid.shape[0] - 1
     states = noise.new_empty((n + 1, *noise.shape))
@@ -123,5 +135,9 @@ def euler_trajectory(
     for k in range(n):
         t_cur, t_next = float(grid[k]), float(grid[k + 1])
         velocities[k] = evaluate_velocity(velocity, states[k], t_cur, step=k, extras=extras)
-        states[k + 1] = euler_step(states[k], velocities[k], t_cur, t_next)
+        if solver == "euler":
+            states[k + 1] = euler_step(states[k], velocities[k], t_cur, t_next)
+        else:
+            states[k + 1] = heun_step(velocity, states[k], velocities[k], t_cur, t_next,
+                                      step=k, extras=extras)
     return Trajectory(times=grid, states=states, velocities=velocities)

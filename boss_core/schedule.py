@@ -34,7 +34,7 @@ class Schedule:
         grid = as_grid(self.times, name=f"{self.name or 'schedule'} times")
         object.__setattr__(self, "times", grid)
         if self.indices is not None:
-            idx = tuple(int(i) for i in self.indices)
+            idx = tuple(map(int, self.indices))
             if len(idx) != grid.shape[0]:
                 raise ValueError(f"indices has {len(idx)} entries for {grid.shape[0]} times")
             object.__setattr__(self, "indices", idx)
@@ -46,7 +46,7 @@ class Schedule:
                      name: str = "") -> Schedule:
         """A schedule on the uniform fine grid: t_k = indices[k] / N."""
         n = check_n_steps(n_steps)
-        idx = tuple(int(i) for i in indices)
+        idx = tuple(map(int, indices))
         if not idx or idx[0] != 0 or idx[-1] != n:
             raise ValueError(f"indices must run from 0 to N={n}, got {idx}")
         times = np.array(idx, dtype=np.float64) / n

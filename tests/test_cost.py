@@ -121,3 +121,18 @@ def test_merge_rejects_other_grid_and_bad_input():
         cost_matrix(curved_field(), iter([]), 5)
     with pytest.raises(ValueError, match="n_samples"):
         CostMatrix(np.zeros((3, 3)), 0)
+
+
+def test_heun_teacher_closed_form_for_quadratic_paths():
+    # Heun follows x_t = z + b t + c t^2 exactly, so c(i, j) = ||c||^2 (t_j - t_i)^4.
+    n = 10
+    c = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    field = quadratic_path_field(torch.tensor([1.0, 2.0], dtype=torch.float64), c)
+    counter = NFECounter(field)
+    cost = cost_matrix(counter, torch.randn(5, 2, dtype=torch.float64), n, solver="heun")
+    assert counter.nfe == 2 * n
+    i, j = np.triu_indices(n + 1, k=1)
+    np.testing.assert_allclose(cost.values[i, j], float(c @ c) * ((j - i) / n) ** 4,
+                               rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="solver"):
+        cost_matrix(field, torch.randn(5, 2), n, solver="rk4")
