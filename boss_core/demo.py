@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-nfe", type=int, default=10,
                         help="largest K to schedule (default: %(default)s)")
     parser.add_argument("--search-samples", type=int, default=500,
-                        help="noises M for the cost matrix and global search (default: %(default)s)")
+                        help="noises M for the cost and global search (default: %(default)s)")
     parser.add_argument("--eval-samples", type=int, default=1000,
                         help="fresh noises for the end-point errors (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=500,
