@@ -110,7 +110,9 @@ def main(argv=None) -> None:
           f"fresh noises (ratio to uniform in brackets; lower is better)")
     print(f"{'NFE':>4} " + " ".join(f"{n:>20}" for n in names))
     for k in range(1, args.max_nfe + 1):
-        cells = [f"{rmse[n][k]:.4f} ({rmse[n][k] / rmse['uniform'][k]:.2f})" for n in names]
+        base = rmse["uniform"][k]
+        cells = [f"{rmse[n][k]:.4f} ({rmse[n][k] / base:.2f})" if base > 0
+                 else f"{rmse[n][k]:.4f} (-)" for n in names]
         print(f"{k:>4} " + " ".join(f"{c:>20}" for c in cells))
     print("\nBellman schedules (grid indices):")
     for k, sched in methods["bellman"].items():
