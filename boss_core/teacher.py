@@ -17,7 +17,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import re
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .config import ConfigMixin, check_int, check_number
 from .device import resolve_device
 from .ema import EMA
 from .seeds import step_generator
@@ -39,7 +39,7 @@ _DEVICE_NAME = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(ConfigMixin):
     """The ``teacher`` section of params.yaml.
 
     iterations: total optimiser steps (a resumed run continues up to this count).
@@ -67,16 +67,16 @@ class TeacherConfig:
     progress: bool = True
 
     def __post_init__(self):
-        _check_int("iterations", self.iterations, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("warmup", self.warmup, 0)
-        _check_int("seed", self.seed, 0)
-        _check_int("log_every", self.log_every, 1)
-        _check_float("lr", self.lr, lambda v: v > 0, "> 0")
-        _check_float("ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)")
-        _check_float("label_dropout", self.label_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_int("iterations", self.iterations, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("warmup", self.warmup, 0)
+        check_int("seed", self.seed, 0)
+        check_int("log_every", self.log_every, 1)
+        check_number("lr", self.lr, lambda v: v > 0, "> 0")
+        check_number("ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_number("label_dropout", self.label_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
         if self.grad_clip is not None:
-            _check_float("grad_clip", self.grad_clip, lambda v: v > 0, "> 0 or None")
+            check_number("grad_clip", self.grad_clip, lambda v: v > 0, "> 0 or None")
         if not isinstance(self.device, str) or not _DEVICE_NAME.match(self.device.lower()):
             raise ValueError(
                 f"device must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', got {self.device!r}"
@@ -84,29 +84,7 @@ class TeacherConfig:
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be a bool, got {self.progress!r}")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TeacherConfig:
-        """Build from a mapping (a params.yaml section); unknown keys raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TeacherConfig key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(values))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
-    if not math.isfinite(value) or not ok(float(value)):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)

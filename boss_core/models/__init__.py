@@ -6,14 +6,12 @@ shape (B,) in [0, 1] (0 noise, 1 data) and optional int64 class labels y of shap
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import ConfigMixin, check_int
 from .mlp import ConditionEmbedding, VelocityMLP, fourier_time_features
 from .unet import VelocityUNet
 
@@ -32,7 +30,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigMixin):
     """The ``model`` section of params.yaml.
 
     arch: "mlp" (``VelocityMLP``; uses hidden, depth) or "unet" (``VelocityUNet``; uses
@@ -60,38 +58,18 @@ class ModelConfig:
             raise ValueError(f"unknown model arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         for name in ("hidden", "depth", "base_channels", "num_res_blocks"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("time_embed_dim", self.time_embed_dim, minimum=2)
+            check_int(name, getattr(self, name), 1)
+        check_int("time_embed_dim", self.time_embed_dim, 2)
         if self.time_embed_dim % 2:
             raise ValueError(f"time_embed_dim must be even, got {self.time_embed_dim}")
         if not self.channel_mults:
             raise ValueError("channel_mults must name at least one level")
         for mult in self.channel_mults:
-            _check_int("channel_mults entry", mult, minimum=1)
+            check_int("channel_mults entry", mult, 1)
         if self.num_classes is not None:
-            _check_int("num_classes", self.num_classes, minimum=1)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
-        """Build from a mapping (a params.yaml section); unknown keys raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig key(s) {unknown}; known keys: {sorted(known)}"
-            )
-        return cls(**dict(values))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-types dict (channel_mults as a list) that round-trips through ``from_dict``."""
-        out = dataclasses.asdict(self)
-        out["channel_mults"] = list(self.channel_mults)
-        return out
+            check_int("num_classes", self.num_classes, 1)
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def build_model(

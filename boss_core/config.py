@@ -1,0 +1,45 @@
+"""Shared pieces of the frozen config dataclasses (one per params.yaml section).
+
+Each config validates its values in ``__post_init__`` (before any compute) and is built from
+a mapping by ``from_dict``, which rejects unknown keys by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ValueError naming ``name`` unless value is an int (not bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+    """Raise ValueError naming ``name`` unless value is a finite number satisfying ``ok``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
+    if not math.isfinite(value) or not ok(float(value)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+class ConfigMixin:
+    """``from_dict`` / ``to_dict`` for frozen config dataclasses."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Build from a mapping (a params.yaml section); unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (tuples become lists) that round-trip through ``from_dict``."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
