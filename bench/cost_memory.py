@@ -77,6 +77,8 @@ def main() -> None:
     small, large = rows[0], rows[-1]
     ratio = (large["after_kib"] - large["before_kib"]) / max(
         small["after_kib"] - small["before_kib"], 1)
+    held = large["m"] * (args.n_steps + 1) * 64 * 4 * 2 / 2**20  # states + velocities, fp32
+    print(f"for scale: holding all {large['m']} trajectories at once would take {held:.0f} MiB")
     print(f"peak increase M={large['m']} / M={small['m']}: {ratio:.2f}x "
           f"(samples ratio {large['m'] / small['m']:.0f}x); peak RSS ratio "
           f"{large['after_kib'] / small['after_kib']:.3f}x")

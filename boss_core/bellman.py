@@ -82,7 +82,10 @@ def bellman_table(values: np.ndarray, max_nfe: int, discount: float = 1.0):
     flat_row_start = np.arange(n + 1) * (n + 1)
     for k in range(1, max_nfe + 1):
         rows = n - k + 1  # V_k(j) is +inf for j > N - k: too few grid points left
-        np.multiply(value[k - 1], discount, out=future)
+        if discount == 1.0:
+            future = value[k - 1]
+        else:
+            np.multiply(value[k - 1], discount, out=future)
         np.add(values[:rows], future, out=total[:rows])
         best = total[:rows].argmin(axis=1)
         choice[k, :rows] = best
@@ -106,11 +109,12 @@ def bellman_schedules(cost, max_nfe: int, discount: float = 1.0) -> dict[int, Sc
     gamma = _check_discount(discount)
     value, choice = bellman_table(values, k_max, gamma)
     name = "bellman" if gamma == 1.0 else f"bellman_discount{gamma:g}"
+    step_to = choice.tolist()  # plain lists: the backtracking below is scalar work
     out = {}
     for k in range(1, k_max + 1):
         path = [0]
         for steps_left in range(k, 0, -1):
-            path.append(int(choice[steps_left, path[-1]]))
+            path.append(step_to[steps_left][path[-1]])
         out[k] = Schedule.from_indices(path, n, cost=float(value[k, 0]), name=name)
     return out
 
