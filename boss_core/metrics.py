@@ -1,9 +1,11 @@
-"""Sample-quality metrics that need no feature network."""
+"""Sample-quality metrics that need no feature network, and the multi-seed aggregate."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,3 +24,32 @@ def endpoint_rmse(samples: Tensor, reference: Tensor) -> float:
         raise ValueError("endpoint_rmse needs at least one sample")
     diff = (samples.to(torch.float64) - reference.to(torch.float64)).reshape(samples.shape[0], -1)
     return math.sqrt(float((diff * diff).sum(dim=1).mean()))
+
+
+def aggregate(values: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean and population std over seeds: for each key k, ``k`` = mean_s v_s[k] and
+    ``k_std`` = sqrt( mean_s (v_s[k] - mean)^2 ) (``np.std(ddof=0)``), plus ``n_seeds``.
+
+    Args:
+        values: one dict of metrics per seed, all with the same keys.
+    Raises:
+        ValueError: fewer than 2 seeds (no spread to report), mismatching keys, or a key that
+            would clash with an output name (``k`` and ``k_std`` both given, or ``n_seeds``).
+    """
+    if len(values) < 2:
+        raise ValueError(f"n_seeds must be >= 2 to report a std, got {len(values)} result(s)")
+    keys = list(values[0])
+    for index, row in enumerate(values):
+        if set(row) != set(keys):
+            raise ValueError(f"seed {index} has keys {sorted(row)}, seed 0 has {sorted(keys)}")
+    clashes = sorted(k for k in keys if k.endswith("_std") and k[:-4] in keys)
+    if clashes or "n_seeds" in keys:
+        raise ValueError(f"keys {clashes or ['n_seeds']} would clash with the aggregate's own "
+                         "'<key>_std' / 'n_seeds' names; rename them first")
+    out: dict[str, float] = {}
+    for key in keys:
+        column = np.array([float(row[key]) for row in values], dtype=np.float64)  # (n_seeds,)
+        out[key] = float(column.mean())
+        out[f"{key}_std"] = float(column.std(ddof=0))
+    out["n_seeds"] = len(values)
+    return out
