@@ -47,7 +47,7 @@ def digits_setup(args):
         out = fid_kid(samples, reference, extractor)
         return {"fid": out["fid"], "kid": out["kid"]}
 
-    return teacher, data.data_shape, score, len(data), "fid"
+    return teacher, data.data_shape, score, len(data), "fid", 1000
 
 
 def mixture_setup(args):
@@ -60,7 +60,7 @@ def mixture_setup(args):
     def score(samples):
         return {"swd": swd(samples, reference, seed=0), "mmd": mmd(samples, reference)}
 
-    return teacher, (2,), score, 2000, "swd"
+    return teacher, (2,), score, 2000, "swd", 1
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     print(f"hardware: {hardware()}")
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    teacher, shape, score, n_eval, key = (digits_setup if args.dataset == "digits"
+    teacher, shape, score, n_eval, key, min_eval = (digits_setup if args.dataset == "digits"
                                           else mixture_setup)(args)
     config = SweepConfig(nfes=tuple(args.nfes), eval_samples=n_eval, seed=args.seed,
                          pair_samples=args.pair_samples)
@@ -87,7 +87,8 @@ def main() -> None:
                              ema_decay=0.999, checkpoint_every=0, device="cpu",
                              progress=False, seed=args.seed)
     metrics, costs, frame = run_sweep(teacher, shape, score, config, train,
-                                      checkpoint_root=args.out / "checkpoints")
+                                      checkpoint_root=args.out / "checkpoints",
+                                      min_eval_samples=min_eval)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (args.out / "costs.json").write_text(json.dumps(costs, indent=2))

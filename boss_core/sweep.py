@@ -277,8 +277,18 @@ def metrics_frame(metrics: dict):
 
 def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
               train_config: StraightenConfig, *, checkpoint_root=None, device=None,
-              progress: bool = True):
-    """Search, train and evaluate. Returns (metrics dict, costs dict, metrics DataFrame)."""
+              progress: bool = True, min_eval_samples: int = 1):
+    """Search, train and evaluate. Returns (metrics dict, costs dict, metrics DataFrame).
+
+    ``min_eval_samples``: the fewest samples ``score`` accepts (KID's ``kid_subset_size``),
+    checked against ``config.eval_samples`` before any compute.
+    """
+    if config.eval_samples < min_eval_samples:
+        raise ValueError(f"eval_samples={config.eval_samples} is fewer than the score needs "
+                         f"({min_eval_samples}, e.g. KID's kid_subset_size)")
+    if not isinstance(train_config, StraightenConfig):
+        raise ValueError(f"train_config must be a StraightenConfig, got "
+                         f"{type(train_config).__name__}")
     teacher = teacher.eval()
     searched = search(teacher, data_shape, config, device=device)
     models, student_costs = train_students(teacher, data_shape, searched, config, train_config,

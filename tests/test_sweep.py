@@ -85,7 +85,8 @@ def test_digits_sweep_fid(tmp_path):
                          batch_size=200)
     metrics, _, frame = run_sweep(teacher, digits.data_shape, score, config,
                                   StraightenConfig(**{**TRAIN.to_dict(), "iterations": 300}),
-                                  checkpoint_root=tmp_path, progress=False)
+                                  checkpoint_root=tmp_path, progress=False,
+                                  min_eval_samples=200)
     fid = {k: metrics["uniform"][f"nfe_{k}"]["fid"] for k in (1, 2, 4)}
     assert fid[1] > fid[2] > fid[4]
     assert metrics["boss"]["nfe_2"]["fid"] < fid[2]
@@ -106,4 +107,14 @@ def test_bad_sweep_settings_fail_before_compute():
         SweepConfig(nfes=(2, 200), n_steps=100)
     with pytest.raises(ValueError, match="straighten_schedule"):
         SweepConfig(straighten_schedule="uniform")
+    calls = []
+
+    def teacher(x, t):
+        calls.append(1)
+        return x
+
+    with pytest.raises(ValueError, match="kid_subset_size"):
+        run_sweep(teacher, (2,), lambda s: {}, SweepConfig(eval_samples=100), TRAIN,
+                  min_eval_samples=1000)
+    assert calls == []
     np.testing.assert_equal(SweepConfig().nfes, (1, 2, 4, 6, 8, 10))
