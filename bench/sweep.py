@@ -29,7 +29,7 @@ from boss_core.features import FeatureNetConfig, train_feature_net  # noqa: E402
 from boss_core.fidelity import FidelityConfig, build_extractor, fid_kid  # noqa: E402
 from boss_core.models import ModelConfig, build_model  # noqa: E402
 from boss_core.straighten import StraightenConfig  # noqa: E402
-from boss_core.sweep import SweepConfig, run_sweep  # noqa: E402
+from boss_core.sweep import METHODS, SweepConfig, run_sweep  # noqa: E402
 from boss_core.teacher import TeacherConfig, train_teacher  # noqa: E402
 
 
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="straightening batch")
     parser.add_argument("--pair-samples", type=int, default=3000)
     parser.add_argument("--nfes", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="subset of methods (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"hardware: {hardware()}")
@@ -80,8 +82,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     teacher, shape, score, n_eval, key, min_eval = (digits_setup if args.dataset == "digits"
                                           else mixture_setup)(args)
-    config = SweepConfig(nfes=tuple(args.nfes), eval_samples=n_eval, seed=args.seed,
-                         pair_samples=args.pair_samples)
+    config = SweepConfig(methods=tuple(args.methods), nfes=tuple(args.nfes),
+                         eval_samples=n_eval, seed=args.seed, pair_samples=args.pair_samples)
     train = StraightenConfig(iterations=args.iterations, batch_size=args.batch_size,
                              lr=1e-3 if args.dataset == "digits" else 2e-3, warmup=100,
                              ema_decay=0.999, checkpoint_every=0, device="cpu",
@@ -100,15 +102,18 @@ def main() -> None:
           f"± {t_row[key + '_std']:.2g}")
     for k in config.nfes:
         row = {m: metrics[m][f"nfe_{k}"] for m in metrics if m != "teacher"}
-        b, bell = row["boss"], row["bellman"]
-        two_std = 2 * max(b[key + "_std"], t_row[key + "_std"])
+        nan = {key: float("nan"), "endpoint_rmse": float("nan")}
+        b, bell = row.get("boss", nan), row.get("bellman", nan)
+        two_std = 2 * max(b.get(key + "_std", 0.0), t_row[key + "_std"])
         gain = bell[key] - b[key]
-        kept = (bell[key] - row["boss_lora"][key]) / gain if gain > 0 else float("nan")
+        kept = ((bell[key] - row.get("boss_lora", nan)[key]) / gain if gain > 0
+                else float("nan"))
         print(f"K={k:>2}: boss/teacher {key} {b[key] / t_row[key]:.2f}; boss - teacher "
               f"{b[key] - t_row[key]:+.3g} (2 x max std {two_std:.3g}); boss/reflow "
-              f"{b[key] / row['reflow_uniform'][key]:.2f}; boss/distill "
-              f"{b[key] / row['distill_uniform'][key]:.2f}; LoRA gain kept {kept:.2f}; "
-              f"rmse boss/uniform {b['endpoint_rmse'] / row['uniform']['endpoint_rmse']:.2f}")
+              f"{b[key] / row.get('reflow_uniform', nan)[key]:.2f}; boss/distill "
+              f"{b[key] / row.get('distill_uniform', nan)[key]:.2f}; LoRA gain kept "
+              f"{kept:.2f}; rmse boss/uniform "
+              f"{b['endpoint_rmse'] / row.get('uniform', nan)['endpoint_rmse']:.2f}")
     print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 
