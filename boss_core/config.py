@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+_DEVICE_NAME = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -24,6 +27,17 @@ def check_number(name: str, value: Any, ok: Callable[[float], bool], rule: str) 
         raise ValueError(f"{name} must be a number {rule}, got {value!r}")
     if not math.isfinite(value) or not ok(float(value)):
         raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_device_name(device: object) -> None:
+    """Raise ValueError unless ``device`` is 'cpu', 'cuda', 'cuda:<index>' or 'auto'."""
+    if not isinstance(device, str) or not _DEVICE_NAME.match(device.strip().lower()):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', got {device!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 class ConfigMixin:

@@ -20,7 +20,6 @@ function of (images, labels, config) on the CPU.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import ConfigMixin, check_int, check_number
+from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
 from .seeds import sample_seed, step_generator
 
-_DEVICE_NAME = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 _STREAM_SPLIT, _STREAM_INIT = 2, 3  # seed streams of boss_core.seeds used here
 _POOL = 4  # every image is pooled to _POOL x _POOL before the feature layer
-
-
-def check_device_name(device: object) -> None:
-    """Raise ValueError unless ``device`` is 'cpu', 'cuda', 'cuda:<index>' or 'auto'."""
-    if not isinstance(device, str) or not _DEVICE_NAME.match(device.lower()):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -72,8 +64,7 @@ class FeatureNetConfig(ConfigMixin):
         check_number("lr", self.lr, lambda v: v > 0, "> 0")
         check_number("holdout_fraction", self.holdout_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         check_device_name(self.device)
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        check_bool("progress", self.progress)
 
 
 class FeatureNet(nn.Module):

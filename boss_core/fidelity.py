@@ -48,9 +48,9 @@ from torch_fidelity.metric_kid import (
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from .config import ConfigMixin, check_int
+from .config import ConfigMixin, check_device_name, check_int
 from .device import resolve_device
-from .features import FeatureNet, check_device_name, load_feature_net
+from .features import FeatureNet, load_feature_net
 from .metrics import aggregate
 
 CLASSIFIER_NAME = "boss-classifier"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ConfigMixin, check_int, check_number
+from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
 from .ema import EMA
 from .seeds import step_generator
@@ -64,6 +64,8 @@ class StraightenConfig(ConfigMixin):
         check_number("ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)")
         if self.grad_clip is not None:
             check_number("grad_clip", self.grad_clip, lambda v: v > 0, "> 0 or None")
+        check_device_name(self.device)
+        check_bool("progress", self.progress)
 
 
 @dataclass(frozen=True, eq=False)

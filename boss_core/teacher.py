@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,12 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import ConfigMixin, check_int, check_number
+from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
 from .ema import EMA
 from .seeds import step_generator
-
-_DEVICE_NAME = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
 @dataclass(frozen=True)
@@ -77,12 +74,8 @@ class TeacherConfig(ConfigMixin):
         check_number("label_dropout", self.label_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
         if self.grad_clip is not None:
             check_number("grad_clip", self.grad_clip, lambda v: v > 0, "> 0 or None")
-        if not isinstance(self.device, str) or not _DEVICE_NAME.match(self.device.lower()):
-            raise ValueError(
-                f"device must be 'cpu', 'cuda', 'cuda:<index>' or 'auto', got {self.device!r}"
-            )
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        check_device_name(self.device)
+        check_bool("progress", self.progress)
 
 
 
