@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .grids import check_n_steps, uniform_grid
 from .sampling import euler_step
@@ -136,18 +137,20 @@ def _check_schedule(schedule: Schedule, n_steps: int) -> tuple[int, ...]:
 
 
 def _noise_batches(data_shape, seed: int, start: int, count: int, batch_size: int, device,
-                   dtype):
+                   dtype, desc: str, progress: bool):
     if count < 1 or start < 0 or batch_size < 1:
         raise ValueError(f"need count >= 1, start >= 0 and batch_size >= 1, got count={count}, "
                          f"start={start}, batch_size={batch_size}")
-    for lo in range(start, start + count, batch_size):
+    for lo in tqdm(range(start, start + count, batch_size), desc=desc, unit="batch",
+                   disable=not progress):
         n = min(batch_size, start + count - lo)
         yield lo, sample_noise(tuple(data_shape), seed, lo, n, device=device, dtype=dtype)
 
 
 def chord_pairs(velocity: VelocityFn, schedules: list[Schedule], n_steps: int, data_shape,
                 *, seed: int, start: int, count: int, batch_size: int = 256,
-                device=None, dtype: torch.dtype = torch.float32) -> dict[int, ChordPairs]:
+                device=None, dtype: torch.dtype = torch.float32,
+                progress: bool = False) -> dict[int, ChordPairs]:
     """Chord pairs for samples [start, start + count) and each schedule, keyed by its K.
 
     One teacher pass serves every schedule (states are kept at the union of their indices).
@@ -158,7 +161,7 @@ def chord_pairs(velocity: VelocityFn, schedules: list[Schedule], n_steps: int, d
     pos = {i: a for a, i in enumerate(union)}
     parts: dict[int, list[ChordPairs]] = {k: [] for k in paths}
     for lo, z in _noise_batches(data_shape, seed, start, count, batch_size, device,
-                                   dtype):
+                                   dtype, "chord pairs", progress):
         states = teacher_states_at(velocity, z, n, union)  # (len(union), B, ...)
         index = torch.arange(lo, lo + z.shape[0])
         for k, path in paths.items():
@@ -175,12 +178,12 @@ def chord_pairs(velocity: VelocityFn, schedules: list[Schedule], n_steps: int, d
 
 def reflow_pairs(velocity: VelocityFn, n_steps: int, data_shape, *, seed: int, start: int,
                  count: int, batch_size: int = 256, device=None,
-                 dtype: torch.dtype = torch.float32) -> ReflowPairs:
+                 dtype: torch.dtype = torch.float32, progress: bool = False) -> ReflowPairs:
     """(noise, N-step teacher end point) pairs for samples [start, start + count)."""
     n = check_n_steps(n_steps)
     parts = []
     for lo, z in _noise_batches(data_shape, seed, start, count, batch_size, device,
-                                   dtype):
+                                   dtype, "reflow pairs", progress):
         x1 = teacher_states_at(velocity, z, n, [n])[0]
         parts.append(ReflowPairs(z, x1, torch.arange(lo, lo + z.shape[0])))
     return ReflowPairs.concat(parts)

@@ -103,7 +103,8 @@ class Searched:
     costs: dict[str, Cost] = field(default_factory=dict)
 
 
-def search(teacher: nn.Module, data_shape, config: SweepConfig, device=None) -> Searched:
+def search(teacher: nn.Module, data_shape, config: SweepConfig, device=None,
+           progress: bool = False) -> Searched:
     """Bellman (local cost) and global schedules for every K in ``config.nfes``."""
     k_max = max(config.nfes)
     noise = sample_noise(tuple(data_shape), config.seed + 1, 0, config.search_samples,
@@ -115,9 +116,10 @@ def search(teacher: nn.Module, data_shape, config: SweepConfig, device=None) -> 
         counter, start = NFECounter(teacher), time.perf_counter()
         if name == "bellman":
             table = bellman_schedules(cost_matrix(counter, noise, config.n_steps,
-                                                  config.batch_size), k_max)
+                                                  config.batch_size, progress=progress), k_max)
         else:
-            table = global_schedules(counter, noise, config.n_steps, k_max, config.batch_size)
+            table = global_schedules(counter, noise, config.n_steps, k_max, config.batch_size,
+                                     progress=progress)
         out.schedules[name] = {k: table[k] for k in config.nfes}
         out.costs[name] = Cost(wall_seconds=time.perf_counter() - start,
                                search_nfe=counter.nfe, search_evaluations=counter.n_evaluations)
@@ -131,7 +133,8 @@ def _needs(schedule_name: str, config: SweepConfig) -> bool:
 
 
 def train_students(teacher: nn.Module, data_shape, searched: Searched, config: SweepConfig,
-                   train_config: StraightenConfig, checkpoint_root=None, device=None):
+                   train_config: StraightenConfig, checkpoint_root=None, device=None,
+                   progress: bool = False):
     """Train every requested student. Returns ({method: {K: model}}, {method: {K: Cost}}).
 
     boss / boss_lora straighten to ``searched.schedules[config.straighten_schedule]``,
@@ -160,7 +163,7 @@ def train_students(teacher: nn.Module, data_shape, searched: Searched, config: S
     for methods, schedules in groups.items():
         pairs = chord_pairs(teacher, [schedules[k] for k in nfes], n, data_shape,
                             seed=config.seed + 2, start=0, count=config.pair_samples,
-                            batch_size=config.batch_size, device=device)
+                            batch_size=config.batch_size, device=device, progress=progress)
         for method in (m for m in methods if m in config.methods):
             for k in nfes:
                 student = (add_lora(teacher, config.lora_rank) if method == "boss_lora"
@@ -169,7 +172,7 @@ def train_students(teacher: nn.Module, data_shape, searched: Searched, config: S
     if "reflow_uniform" in config.methods:
         pairs = reflow_pairs(teacher, n, data_shape, seed=config.seed + 2, start=0,
                              count=config.pair_samples, batch_size=config.batch_size,
-                             device=device)
+                             device=device, progress=progress)
         fit("reflow_uniform", 0, trainable_copy(teacher), pairs)
         shared, cost = models["reflow_uniform"].pop(0), costs["reflow_uniform"].pop(0)
         models["reflow_uniform"] = {k: shared for k in nfes}  # one model serves every K
@@ -290,9 +293,10 @@ def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
         raise ValueError(f"train_config must be a StraightenConfig, got "
                          f"{type(train_config).__name__}")
     teacher = teacher.eval()
-    searched = search(teacher, data_shape, config, device=device)
+    searched = search(teacher, data_shape, config, device=device, progress=progress)
     models, student_costs = train_students(teacher, data_shape, searched, config, train_config,
-                                           checkpoint_root=checkpoint_root, device=device)
+                                           checkpoint_root=checkpoint_root, device=device,
+                                           progress=progress)
     plan = sampling_plan(teacher, searched, models, config)
     metrics = evaluate(plan, teacher, data_shape, score, config, device=device,
                        progress=progress)
