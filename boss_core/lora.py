@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 
+import torch
 from torch import nn
 
 LORA_LAYERS = (nn.Linear, nn.Conv2d)
@@ -45,10 +46,11 @@ def check_lora_rank(model: nn.Module, rank: int) -> dict[str, int]:
 
 
 def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
-             dropout: float = 0.0) -> nn.Module:
+             dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """A peft model wrapping a deep copy of ``model`` with rank-``rank`` LoRA on every
     Linear/Conv2d layer (alpha defaults to rank, i.e. scale alpha / r = 1; capped layers
-    keep that scale). The base weights are frozen."""
+    keep that scale). The base weights are frozen. A's random init comes from ``seed``, not
+    from the global RNG, so the same call gives the same adapter."""
     from peft import LoraConfig, get_peft_model
 
     ranks = check_lora_rank(model, rank)
@@ -57,7 +59,9 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=sorted(ranks), rank_pattern=capped,
                         alpha_pattern={n: alpha * r / rank for n, r in capped.items()})
-    return get_peft_model(copy.deepcopy(model), config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(copy.deepcopy(model), config)
 
 
 def trainable_fraction(model: nn.Module) -> tuple[int, int, float]:

@@ -17,6 +17,7 @@ validation depends only on (seed, i) as well.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -147,46 +148,55 @@ def _noise_batches(data_shape, seed: int, start: int, count: int, batch_size: in
         yield lo, sample_noise(tuple(data_shape), seed, lo, n, device=device, dtype=dtype)
 
 
-def chord_pairs(velocity: VelocityFn, schedules: list[Schedule], n_steps: int, data_shape,
-                *, seed: int, start: int, count: int, batch_size: int = 256,
-                device=None, dtype: torch.dtype = torch.float32,
-                progress: bool = False) -> dict[int, ChordPairs]:
-    """Chord pairs for samples [start, start + count) and each schedule, keyed by its K.
+def teacher_pairs(velocity: VelocityFn, schedules: Mapping[Hashable, Schedule], n_steps: int,
+                  data_shape, *, seed: int, start: int, count: int, batch_size: int = 256,
+                  device=None, dtype: torch.dtype = torch.float32, reflow: bool = False,
+                  progress: bool = False) -> tuple[dict[Hashable, ChordPairs], ReflowPairs | None]:
+    """Chord pairs for every keyed schedule, and optionally reflow pairs, from ONE teacher pass
+    over samples [start, start + count): states are kept at the union of the indices.
 
-    One teacher pass serves every schedule (states are kept at the union of their indices).
+    Returns:
+        ({key: ChordPairs}, ReflowPairs or None).
     """
     n = check_n_steps(n_steps)
-    paths = {s.nfe: _check_schedule(s, n) for s in schedules}
-    union = sorted({i for p in paths.values() for i in p})
+    paths = {key: _check_schedule(s, n) for key, s in schedules.items()}
+    union = sorted({i for p in paths.values() for i in p} | ({0, n} if reflow else set()))
     pos = {i: a for a, i in enumerate(union)}
-    parts: dict[int, list[ChordPairs]] = {k: [] for k in paths}
+    parts: dict[Hashable, list[ChordPairs]] = {key: [] for key in paths}
+    ends: list[ReflowPairs] = []
     for lo, z in _noise_batches(data_shape, seed, start, count, batch_size, device,
-                                   dtype, "chord pairs", progress):
+                                dtype, "teacher pairs", progress):
         states = teacher_states_at(velocity, z, n, union)  # (len(union), B, ...)
         index = torch.arange(lo, lo + z.shape[0])
-        for k, path in paths.items():
+        if reflow:
+            ends.append(ReflowPairs(z, states[pos[n]], index))
+        for key, path in paths.items():
             xs, ts, targets = [], [], []
             for a, b in zip(path[:-1], path[1:], strict=True):
                 x_a, x_b = states[pos[a]], states[pos[b]]
                 xs.append(x_a)
                 ts.append(torch.full((z.shape[0],), a / n, dtype=torch.float64))
                 targets.append((x_b - x_a) / ((b - a) / n))
-            parts[k].append(ChordPairs(torch.cat(xs), torch.cat(ts), torch.cat(targets),
-                                       index.repeat(len(path) - 1)))
-    return {k: ChordPairs.concat(v) for k, v in parts.items()}
+            parts[key].append(ChordPairs(torch.cat(xs), torch.cat(ts), torch.cat(targets),
+                                         index.repeat(len(path) - 1)))
+    chords = {key: ChordPairs.concat(v) for key, v in parts.items()}
+    return chords, (ReflowPairs.concat(ends) if reflow else None)
 
 
-def reflow_pairs(velocity: VelocityFn, n_steps: int, data_shape, *, seed: int, start: int,
-                 count: int, batch_size: int = 256, device=None,
-                 dtype: torch.dtype = torch.float32, progress: bool = False) -> ReflowPairs:
-    """(noise, N-step teacher end point) pairs for samples [start, start + count)."""
-    n = check_n_steps(n_steps)
-    parts = []
-    for lo, z in _noise_batches(data_shape, seed, start, count, batch_size, device,
-                                   dtype, "reflow pairs", progress):
-        x1 = teacher_states_at(velocity, z, n, [n])[0]
-        parts.append(ReflowPairs(z, x1, torch.arange(lo, lo + z.shape[0])))
-    return ReflowPairs.concat(parts)
+def chord_pairs(velocity: VelocityFn, schedules: list[Schedule], n_steps: int, data_shape,
+                **kwargs) -> dict[int, ChordPairs]:
+    """Chord pairs for each schedule, keyed by its K (one teacher pass; see ``teacher_pairs``)."""
+    nfes = [s.nfe for s in schedules]
+    if len(set(nfes)) != len(nfes):
+        raise ValueError(f"chord_pairs keys by K, but K repeats in {nfes}; "
+                         "use teacher_pairs with your own keys")
+    return teacher_pairs(velocity, {s.nfe: s for s in schedules}, n_steps, data_shape,
+                         **kwargs)[0]
+
+
+def reflow_pairs(velocity: VelocityFn, n_steps: int, data_shape, **kwargs) -> ReflowPairs:
+    """(noise, N-step teacher end point) pairs (see ``teacher_pairs``)."""
+    return teacher_pairs(velocity, {}, n_steps, data_shape, reflow=True, **kwargs)[1]
 
 
 def uniform_on_grid(nfe: int, n_steps: int) -> Schedule:

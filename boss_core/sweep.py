@@ -30,7 +30,7 @@ from .cost import cost_matrix
 from .grids import uniform_grid
 from .lora import add_lora, check_lora_rank
 from .metrics import aggregate, endpoint_rmse
-from .pairs import chord_pairs, holdout_mask, reflow_pairs, uniform_on_grid
+from .pairs import holdout_mask, teacher_pairs, uniform_on_grid
 from .presets import PRESETS, uniform_schedule
 from .sampling import euler_sample
 from .schedule import Schedule
@@ -160,20 +160,20 @@ def train_students(teacher: nn.Module, data_shape, searched: Searched, config: S
         costs.setdefault(method, {})[k] = Cost(train_config.iterations, result.wall_time_s,
                                                result.trainable_params)
 
-    for methods, schedules in groups.items():
-        pairs = chord_pairs(teacher, [schedules[k] for k in nfes], n, data_shape,
-                            seed=config.seed + 2, start=0, count=config.pair_samples,
-                            batch_size=config.batch_size, device=device, progress=progress)
+    targets = {(methods, k): schedules[k] for methods, schedules in groups.items()
+               for k in nfes}
+    pairs, ends = teacher_pairs(teacher, targets, n, data_shape, seed=config.seed + 2, start=0,
+                                count=config.pair_samples, batch_size=config.batch_size,
+                                device=device, reflow="reflow_uniform" in config.methods,
+                                progress=progress)  # one teacher pass for every student
+    for (methods, k), chords in pairs.items():
         for method in (m for m in methods if m in config.methods):
-            for k in nfes:
-                student = (add_lora(teacher, config.lora_rank) if method == "boss_lora"
-                           else trainable_copy(teacher))
-                fit(method, k, student, pairs[k])
-    if "reflow_uniform" in config.methods:
-        pairs = reflow_pairs(teacher, n, data_shape, seed=config.seed + 2, start=0,
-                             count=config.pair_samples, batch_size=config.batch_size,
-                             device=device, progress=progress)
-        fit("reflow_uniform", 0, trainable_copy(teacher), pairs)
+            student = (add_lora(teacher, config.lora_rank, seed=train_config.seed)
+                       if method == "boss_lora"
+                       else trainable_copy(teacher))
+            fit(method, k, student, chords)
+    if ends is not None:
+        fit("reflow_uniform", 0, trainable_copy(teacher), ends)
         shared, cost = models["reflow_uniform"].pop(0), costs["reflow_uniform"].pop(0)
         models["reflow_uniform"] = {k: shared for k in nfes}  # one model serves every K
         costs["reflow_uniform"] = {k: cost for k in nfes}

@@ -8,6 +8,7 @@ from boss_core.pairs import (
     chord_pairs,
     holdout_mask,
     reflow_pairs,
+    teacher_pairs,
     teacher_states_at,
     uniform_on_grid,
 )
@@ -16,6 +17,7 @@ from boss_core.sampling import euler_sample, euler_trajectory
 from boss_core.schedule import Schedule
 from boss_core.seeds import sample_noise
 from boss_core.straighten import straightening_loss
+from boss_core.velocity import NFECounter
 
 N = 20
 CURVED = GaussianField(mu=torch.tensor([1.5, -0.5]), s=0.1)
@@ -94,3 +96,19 @@ def test_teacher_states_at_and_bad_schedules():
     with pytest.raises(ValueError, match="N=40"):
         chord_pairs(CURVED, [uniform_on_grid(2, 40)], N, (2,), seed=0, start=0, count=2)
     np.testing.assert_array_equal(uniform_on_grid(6, 100).indices, [0, 17, 33, 50, 67, 83, 100])
+    with pytest.raises(ValueError, match="K repeats"):
+        chord_pairs(CURVED, [uniform_on_grid(2, N), Schedule.from_indices([0, 3, N], N)], N,
+                    (2,), seed=0, start=0, count=2)
+
+
+def test_one_teacher_pass_serves_same_k_schedules_and_reflow():
+    counter = NFECounter(CURVED)
+    same_k = {"a": uniform_on_grid(2, N), "b": Schedule.from_indices([0, 3, N], N)}
+    chords, ends = teacher_pairs(counter, same_k, N, (2,), seed=4, start=0, count=6,
+                                 batch_size=6, reflow=True)
+    assert counter.nfe == N  # one pass, however many schedules
+    for key, sched in same_k.items():
+        alone = chord_pairs(CURVED, [sched], N, (2,), seed=4, start=0, count=6)[2]
+        torch.testing.assert_close(chords[key].target, alone.target, rtol=0, atol=0)
+    alone = reflow_pairs(CURVED, N, (2,), seed=4, start=0, count=6)
+    torch.testing.assert_close(ends.x1, alone.x1, rtol=0, atol=0)

@@ -5,7 +5,13 @@ from boss_core.bellman import bellman_schedule
 from boss_core.cost import cost_matrix
 from boss_core.data import make_gaussian_mixture
 from boss_core.grids import uniform_grid
-from boss_core.lora import add_lora, load_lora_adapter, merge_lora, save_lora_adapter
+from boss_core.lora import (
+    add_lora,
+    load_lora_adapter,
+    merge_lora,
+    save_lora_adapter,
+    trainable_fraction,
+)
 from boss_core.metrics import endpoint_rmse
 from boss_core.models import ModelConfig, build_model
 from boss_core.pairs import chord_pairs, holdout_mask
@@ -74,6 +80,13 @@ def test_lora_trains_only_the_adapter(setup, tmp_path):
     changed = [not torch.equal(params[n], v) for n, v in lora_before.items()]
     assert sum(changed) == len(changed)  # every adapter matrix moved
     assert 0 < result.trainable_params < 0.5 * result.total_params
+    assert trainable_fraction(result.model) == (
+        result.trainable_params, result.total_params,
+        result.trainable_params / result.total_params)
+    twin = add_lora(teacher, rank=2)  # same seed: the same adapter init, whatever the RNG
+    torch.manual_seed(123)
+    assert all(torch.equal(a, b) for a, b in zip(
+        twin.parameters(), add_lora(teacher, rank=2).parameters(), strict=True))
     assert endpoint_error(result.ema_model, sched, teacher) < endpoint_error(teacher, sched,
                                                                             teacher)
     # The adapter and the merged model both load back to the same velocity.
