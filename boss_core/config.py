@@ -10,6 +10,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 _DEVICE_NAME = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
@@ -57,3 +58,26 @@ class ConfigMixin:
         """Plain types (tuples become lists) that round-trip through ``from_dict``."""
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RunConfig(ConfigMixin):
+    """The ``run`` section of params.yaml: settings shared by every step.
+
+    experiment: the MLflow experiment name. device: "cpu", "cuda", "cuda:<i>" or "auto"; it
+    fills every section's ``device`` that params.yaml leaves out. progress: tqdm bars (also
+    filled into the sections). register_models: put the straightened models in the MLflow
+    model registry.
+    """
+
+    experiment: str = "boss"
+    device: str = "auto"
+    progress: bool = True
+    register_models: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise ValueError(f"experiment must be a non-empty name, got {self.experiment!r}")
+        check_device_name(self.device)
+        check_bool("progress", self.progress)
+        check_bool("register_models", self.register_models)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import loaders
+from .config import ConfigMixin, check_bool, check_int
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,6 +130,7 @@ def _from_loader(name: str, fn: Callable[..., tuple]) -> Callable[..., TensorDat
 load_image_folder = _from_loader("image_folder", loaders.load_image_folder)
 load_mnist = _from_loader("mnist", loaders.load_mnist)
 load_cifar10 = _from_loader("cifar10", loaders.load_cifar10)
+load_npy = _from_loader("npy", loaders.load_npy)
 
 DATASETS: dict[str, Callable[..., TensorData]] = {
     "digits": load_digits_images,
@@ -138,7 +140,51 @@ DATASETS: dict[str, Callable[..., TensorData]] = {
     "image_folder": load_image_folder,
     "mnist": load_mnist,
     "cifar10": load_cifar10,
+    "npy": load_npy,
 }
+# The arguments each dataset takes from DataConfig (the others must stay at their defaults).
+_ARGS = {"digits": (), "moons": ("n", "seed"), "checkerboard": ("n", "seed"),
+         "gaussian_mixture": ("n", "seed"), "image_folder": ("root", "image_size", "channels"),
+         "mnist": ("root", "train"), "cifar10": ("root", "train"), "npy": ("root",)}
+
+
+@dataclass(frozen=True)
+class DataConfig(ConfigMixin):
+    """The ``data`` section of params.yaml: which dataset, and its arguments.
+
+    name: one of ``DATASETS``. root: the folder for image_folder / mnist / cifar10 / npy.
+    n, seed: size and seed of a generated 2-D set. image_size, channels: resize / convert an
+    image folder. train: the MNIST / CIFAR-10 split.
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    n: int = 5000
+    seed: int = 0
+    image_size: int | None = None
+    channels: int | None = None
+    train: bool = True
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise ValueError(f"name must be one of {list(DATASETS)}, got {self.name!r}")
+        if "root" in _ARGS[self.name] and not (isinstance(self.root, str) and self.root):
+            raise ValueError(f"root must name the data folder for dataset {self.name!r}")
+        check_int("n", self.n, 1)
+        check_int("seed", self.seed, 0)
+        for name in ("image_size", "channels"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or null, got {self.channels!r}")
+        check_bool("train", self.train)
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments ``load_dataset(self.name, ...)`` takes."""
+        return {key: getattr(self, key) for key in _ARGS[self.name]}
+
+    def load(self) -> TensorData:
+        return load_dataset(self.name, **self.loader_kwargs())
 
 
 def load_dataset(name: str, **kwargs: Any) -> TensorData:

@@ -134,3 +134,37 @@ def load_cifar10(root: str | os.PathLike, train: bool = True) -> tuple[Tensor, T
         raise ValueError(f"CIFAR-10 files under root {root} are corrupted: {err}") from err
     x = _to_unit_range(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2)  # NHWC -> NCHW
     return x.contiguous(), torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes)
+
+
+def load_npy(root: str | os.PathLike) -> tuple[Tensor, Tensor | None, list[str]]:
+    """Arrays saved with numpy: ``root/images.npy`` and, optionally, ``root/labels.npy``.
+
+    images: float (M, C, H, W) already in [-1, 1], or uint8 (M, C, H, W) pixels (scaled to
+    p / 127.5 - 1), or float (M, D) points (2-D sets). labels: int (M,). This is the layout the
+    pipeline writes for the embedded digits, so a data folder is versioned as plain files.
+    """
+    root = Path(root)
+    path = root / "images.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"no images.npy in data folder {root}")
+    try:
+        images = np.load(path, allow_pickle=False)
+        labels_path = root / "labels.npy"
+        labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"cannot read arrays in {root}: {err}") from err
+    if images.ndim not in (2, 4) or len(images) == 0:
+        raise ValueError(f"{path}: expected (M, C, H, W) images or (M, D) points, got shape "
+                         f"{images.shape}")
+    x = _to_unit_range(images) if images.dtype == np.uint8 else torch.from_numpy(
+        np.ascontiguousarray(images, dtype=np.float32))
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path} holds NaN or Inf values")
+    y = None
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{root / 'labels.npy'}: expected {len(images)} integer labels, "
+                             f"got {labels.dtype} {labels.shape}")
+        y = torch.from_numpy(labels.astype(np.int64))
+    classes = [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
+    return x, y, classes

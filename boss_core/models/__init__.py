@@ -2,30 +2,55 @@
 
 Every network is a velocity model ``v(x, t, y=None)`` with x of shape (B, *data_shape), t of
 shape (B,) in [0, 1] (0 noise, 1 data) and optional int64 class labels y of shape (B,).
+External networks (arch "import") reach that convention through an adapter; see
+``boss_core.models.external``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ConfigMixin, check_int
+from .external import (
+    ADAPTERS,
+    IMPORT_PATH,
+    build_pretrained,
+    import_object,
+    inner_network,
+    load_state_dict_file,
+    load_weights,
+    wrap_adapter,
+)
 from .mlp import ConditionEmbedding, VelocityMLP, fourier_time_features
 from .unet import VelocityUNet
 
-ARCHITECTURES = ("mlp", "unet")
+BUILTIN_ARCHITECTURES = ("mlp", "unet")
+ARCHITECTURES = (*BUILTIN_ARCHITECTURES, "import")
 
 __all__ = [
+    "ADAPTERS",
     "ARCHITECTURES",
+    "BUILTIN_ARCHITECTURES",
     "ConditionEmbedding",
     "ModelConfig",
     "VelocityMLP",
     "VelocityUNet",
     "build_model",
+    "build_pretrained",
     "count_parameters",
     "fourier_time_features",
+    "import_object",
+    "inner_network",
+    "load_state_dict_file",
+    "load_weights",
+    "wrap_adapter",
 ]
 
 
@@ -36,6 +61,21 @@ class ModelConfig(ConfigMixin):
     arch: "mlp" (``VelocityMLP``; uses hidden, depth) or "unet" (``VelocityUNet``; uses
     base_channels, channel_mults, num_res_blocks). time_embed_dim and num_classes apply to both;
     num_classes = None builds an unconditional network.
+
+    arch "import" builds a user's network: ``import_path`` ("package.module:ClassName" or
+    "package.module.ClassName") is called with ``init_kwargs`` (the only constructor
+    arguments; data_shape and the builtin fields above are not passed). num_classes then only
+    records whether the network takes labels ``y``. import_path and init_kwargs must be unset
+    for the builtin arches.
+
+    adapter (any arch): "plain" (the network already is v(x, t), t in [0, 1], 0 noise),
+    "rectified_flow" (``RectifiedFlowAdapter``) or "diffusers" (``DiffusersFlowAdapter``).
+    The wrapped model keeps its network as ``.net`` (state_dict keys gain a "net." prefix).
+
+    weights: a pretrained state_dict file (.safetensors, or .pt/.pth read with
+    ``torch.load(weights_only=True)``) holding the UNWRAPPED network's keys. ``build_model``
+    never reads it; ``build_pretrained`` builds, loads it into the inner network and wraps the
+    adapter. A pipeline uses that instead of training a teacher when weights is set.
 
     Defaults: the digits teacher picked by bench/teacher_quality.py. With about 2 minutes of
     training on 2 CPU cores, the U-Net with 16 base channels and mults (1, 2) (131k parameters)
@@ -52,10 +92,15 @@ class ModelConfig(ConfigMixin):
     channel_mults: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     num_classes: int | None = None
+    import_path: str | None = None
+    init_kwargs: dict[str, Any] | None = None
+    adapter: str = "plain"
+    weights: str | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown model arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        self._check_external()
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         for name in ("hidden", "depth", "base_channels", "num_res_blocks"):
             check_int(name, getattr(self, name), 1)
@@ -69,33 +114,111 @@ class ModelConfig(ConfigMixin):
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 1)
 
+    def _check_external(self) -> None:
+        """Validate import_path, init_kwargs, adapter and weights (no import, no file access)."""
+        if self.arch == "import":
+            if self.import_path is None:
+                raise ValueError("import_path must be set when arch is 'import' "
+                                 "(e.g. 'package.module:ClassName')")
+            if not isinstance(self.import_path, str) or not IMPORT_PATH.match(self.import_path):
+                raise ValueError(
+                    f"import_path must look like 'package.module:ClassName' or "
+                    f"'package.module.ClassName', got {self.import_path!r}")
+            if self.init_kwargs is not None:
+                if not isinstance(self.init_kwargs, Mapping) or not all(
+                        isinstance(k, str) and k.isidentifier() for k in self.init_kwargs):
+                    raise ValueError(
+                        f"init_kwargs must be a mapping of keyword-argument names to values, "
+                        f"got {self.init_kwargs!r}")
+                # a private copy: the frozen config must not change with the caller's dict
+                object.__setattr__(self, "init_kwargs", copy.deepcopy(dict(self.init_kwargs)))
+        else:
+            if self.import_path is not None:
+                raise ValueError(
+                    f"import_path is only used with arch 'import', got {self.import_path!r} "
+                    f"with arch {self.arch!r}")
+            if self.init_kwargs is not None:
+                raise ValueError(
+                    f"init_kwargs is only used with arch 'import', got {self.init_kwargs!r} "
+                    f"with arch {self.arch!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        if self.weights is not None:
+            if isinstance(self.weights, os.PathLike):
+                object.__setattr__(self, "weights", os.fspath(self.weights))
+            if not isinstance(self.weights, str) or not self.weights.strip():
+                raise ValueError(
+                    f"weights must be a path to a state_dict file or None, got {self.weights!r}")
+
+    def __hash__(self) -> int:
+        # init_kwargs is a dict, so the generated field-tuple hash would fail
+        return hash(tuple(_freeze(getattr(self, f.name)) for f in fields(self)))
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for ``value`` that is equal whenever the values are equal."""
+    if isinstance(value, Mapping):
+        return ("<map>", frozenset((_freeze(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(_freeze(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
 
 
 
 def build_model(
     config: ModelConfig, data_shape: tuple[int, ...], *, seed: int | None = None
 ) -> nn.Module:
-    """Build the network named by ``config.arch`` for samples of shape ``data_shape``.
+    """Build the freshly initialised network of ``config`` for samples of shape ``data_shape``.
+
+    arch "import" calls ``import_object(config.import_path)(**config.init_kwargs)``; the
+    result is then wrapped by ``wrap_adapter(net, config.adapter)`` for every arch ("plain"
+    returns the network itself). ``config.weights`` is NOT read here (no file I/O): use
+    ``build_pretrained`` for that.
 
     Args:
         data_shape: per-sample shape, e.g. (2,) for 2-D sets or (C, H, W) for images.
         seed: if given, the weights are initialised from ``torch.manual_seed(seed)`` inside a
             forked RNG, so the result is the same whatever the global RNG state and the global
             state is left untouched.
+    Raises:
+        ValueError for a bad import_path, or if it does not build an ``nn.Module``.
     """
     if config.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model arch {config.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
     data_shape = tuple(int(s) for s in data_shape)
     if config.arch == "unet" and len(data_shape) != 3:
         raise ValueError(f"arch 'unet' needs image data (C, H, W), got data_shape {data_shape}")
+    factory = import_object(config.import_path) if config.arch == "import" else None
     if seed is None:
-        return _construct(config, data_shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _construct(config, data_shape)
+        net = _construct(config, data_shape, factory)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = _construct(config, data_shape, factory)
+    return wrap_adapter(net, config.adapter)
 
 
-def _construct(config: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
+def _construct(config: ModelConfig, data_shape: tuple[int, ...], factory: Any) -> nn.Module:
+    if factory is not None:
+        kwargs = copy.deepcopy(config.init_kwargs or {})
+        try:
+            net = factory(**kwargs)
+        except TypeError as err:
+            raise ValueError(
+                f"import_path {config.import_path!r} could not be called with init_kwargs "
+                f"{kwargs!r}: {err}") from err
+        if not isinstance(net, nn.Module):
+            raise ValueError(
+                f"import_path {config.import_path!r} built a {type(net).__name__}, "
+                f"not a torch.nn.Module")
+        return net
     if config.arch == "mlp":
         return VelocityMLP(
             data_shape,

@@ -1,0 +1,91 @@
+"""The files steps hand to each other, by name, with their readers.
+
+outputs/prepare/dataset.safetensors     x (M, *shape) float32, y (M,) int64 if labelled
+outputs/teacher/model.safetensors       the teacher (EMA) velocity model
+outputs/features/feature_net.safetensors  the FID classifier (image data only)
+outputs/cost/cost.safetensors           CostMatrix sum (float64) with n_samples, search cost
+outputs/schedules/schedules.json        {method: {"nfe_K": Schedule dict}} for every NFE
+outputs/pairs/pairs.safetensors         chord pairs per (group, K) and reflow pairs
+outputs/students/<method>/nfe_K/        model.safetensors + schedule.json per straightened model
+results/metrics.json, results/costs.json, results/plots/*.csv, results/figures/*.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from boss_core.data import TensorData
+from boss_core.device import resolve_device
+from boss_core.models import ModelConfig, build_model
+from boss_core.schedule import Schedule
+
+from .io import load_model, load_tensors, read_json
+from .workspace import Workspace
+
+
+def dataset_file(ws: Workspace) -> Path:
+    return ws.step("prepare") / "dataset.safetensors"
+
+
+def load_prepared(ws: Workspace) -> TensorData:
+    tensors, meta = load_tensors(dataset_file(ws))
+    return TensorData(x=tensors["x"], y=tensors.get("y"), name=meta.get("name", "data"),
+                      classes=tuple(meta.get("classes", ())))
+
+
+def build_from_meta(model_config: dict, data_shape: tuple) -> nn.Module:
+    """Rebuild a saved model's network (weights are loaded by the caller, never re-read
+    from ``model_config['weights']``)."""
+    config = ModelConfig.from_dict({**model_config, "weights": None}
+                                   if "weights" in model_config else model_config)
+    return build_model(config, data_shape)
+
+
+def teacher_file(ws: Workspace) -> Path:
+    return ws.step("teacher") / "model.safetensors"
+
+
+def load_teacher(ws: Workspace, device: str = "cpu") -> nn.Module:
+    model, _ = load_model(teacher_file(ws), build_from_meta, resolve_device(device))
+    return model
+
+
+def student_dir(ws: Workspace, method: str, nfe: int) -> Path:
+    return ws.step("students") / method / f"nfe_{nfe}"
+
+
+def load_student(path: Path, device: str = "cpu") -> tuple[nn.Module, Schedule]:
+    """A straightened model folder (local or downloaded from the registry)."""
+    model, _ = load_model(Path(path) / "model.safetensors", build_from_meta,
+                          resolve_device(device))
+    schedule = Schedule.from_dict(read_json(Path(path) / "schedule.json"))
+    return model, schedule
+
+
+def schedules_file(ws: Workspace) -> Path:
+    return ws.step("schedules") / "schedules.json"
+
+
+def load_schedules(ws: Workspace) -> dict[str, dict[int, Schedule]]:
+    raw = read_json(schedules_file(ws))["schedules"]
+    return {method: {int(key.split("_")[1]): Schedule.from_dict(value)
+                     for key, value in table.items()} for method, table in raw.items()}
+
+
+def schedules_to_dict(table: dict[str, dict[int, Schedule]]) -> dict:
+    return {method: {f"nfe_{k}": s.to_dict() for k, s in sorted(by_k.items())}
+            for method, by_k in table.items()}
+
+
+def is_image_data(shape) -> bool:
+    return len(tuple(shape)) == 3
+
+
+@torch.no_grad()
+def eval_mode(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

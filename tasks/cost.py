@@ -1,0 +1,59 @@
+"""Step 4, cost: teacher trajectories on the fine grid and the BOSS cost matrix.
+
+    python -m tasks.cost [--params params.yaml]
+
+Runs ``sweep.search_samples`` N-step uniform Euler teacher paths (N = sweep.n_steps) in batches
+of ``sweep.batch_size``, accumulating c(i, j), the mean squared error of one Euler jump from
+grid point i to j. Memory is bounded by the batch. Writes outputs/cost/cost.safetensors (the
+float64 sum and the sample count, so shards merge exactly) and summary.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from boss_core.cost import cost_matrix
+from boss_core.seeds import sample_noise
+from boss_core.velocity import NFECounter
+
+from .artifacts import load_prepared, load_teacher
+from .io import save_tensors, write_json
+from .step import StepContext, main, prefect_task
+
+NAME, SECTIONS = "cost", ("sweep", "run")
+
+
+def run(ctx: StepContext) -> dict:
+    s = ctx.params.sweep
+    shape = load_prepared(ctx.ws).data_shape
+    teacher = load_teacher(ctx.ws, ctx.params.run.device)
+    device = next(teacher.parameters()).device
+    noise = sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
+    counter, start = NFECounter(teacher), time.perf_counter()
+    with torch.no_grad():
+        cost = cost_matrix(counter, noise, s.n_steps, s.batch_size,
+                           progress=ctx.params.run.progress)
+    wall = time.perf_counter() - start
+    values = cost.values
+    upper = values[np.triu_indices(s.n_steps + 1, 1)]
+    if not np.isfinite(upper).all():
+        raise FloatingPointError("cost step: the cost matrix holds NaN or Inf (the teacher's "
+                                 "trajectories diverged)")
+    summary = {"n_samples": cost.n_samples, "n_steps": s.n_steps, "nfe": counter.nfe,
+               "evaluations": counter.n_evaluations, "wall_seconds": wall,
+               "one_step_cost": float(values[0, s.n_steps])}
+    out = ctx.ws.step(NAME)
+    save_tensors(out / "cost.safetensors", {"sum": torch.from_numpy(cost.sum)}, summary)
+    write_json(out / "summary.json", summary)
+    ctx.log_metrics({"search_nfe": counter.nfe, "one_step_cost": summary["one_step_cost"]})
+    return summary
+
+
+task = prefect_task(NAME, run, SECTIONS)
+
+if __name__ == "__main__":
+    sys.exit(main(NAME, run, SECTIONS, __doc__))

@@ -1,0 +1,130 @@
+"""Step 8, evaluate: every method at every NFE, side by side, over ``sweep.n_seeds`` seeds.
+
+    python -m tasks.evaluate [--params params.yaml]
+
+Images are scored with FID and KID in the feature network's space (torch-fidelity), 2-D sets
+with sliced Wasserstein distance and MMD; every row also gets the end-point RMSE against the
+N-step teacher from the same noises (so the teacher's own row is exactly 0).
+Writes results/metrics.json {method: {"nfe_K": {fid, fid_std, kid, kid_std, endpoint_rmse,
+n_samples, n_seeds}}}, results/costs.json (training iterations, wall seconds, trainable
+parameters and search calls per row) and 64 samples per row for the report's grids.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from boss_core.distances import mmd, swd
+from boss_core.fidelity import build_extractor, fid_kid
+from boss_core.grids import uniform_grid
+from boss_core.sampling import euler_sample
+from boss_core.seeds import sample_noise
+from boss_core.sweep import TRAINED, Cost, Searched, cost_table, evaluate
+
+from .artifacts import (
+    is_image_data,
+    load_prepared,
+    load_schedules,
+    load_student,
+    load_teacher,
+    student_dir,
+)
+from .io import read_json, save_tensors, write_json
+from .step import StepContext, main, prefect_task
+
+NAME, SECTIONS = "evaluate", ("sweep", "fidelity", "run")
+GRID_SAMPLES = 64
+
+
+def scorer(ctx: StepContext, data):
+    """(score(samples) -> {name: value}, the headline key)."""
+    if not is_image_data(data.data_shape):
+        reference = data.x
+
+        def score_points(samples):
+            return {"swd": swd(samples.float().cpu(), reference, seed=0),
+                    "mmd": mmd(samples.float().cpu(), reference)}
+
+        return score_points, "swd"
+    f = ctx.params.fidelity
+    if len(data) < f.kid_subset_size:
+        raise ValueError(f"fidelity.kid_subset_size={f.kid_subset_size} exceeds the "
+                         f"{len(data)} reference images")
+    net = ctx.ws.step("features") / "feature_net.safetensors"
+    extractor = build_extractor(f, net if f.extractor == "classifier" else None)
+    reference = extractor.reference(data.x)
+
+    def score_images(samples):
+        out = fid_kid(samples.float().cpu(), reference, extractor)
+        return {"fid": out["fid"], "kid": out["kid"]}
+
+    return score_images, "fid"
+
+
+def plan(ctx: StepContext, teacher):
+    """{method: {K: (velocity, times)}}; the teacher row is keyed by its N calls."""
+    s, device = ctx.params.sweep, next(teacher.parameters()).device
+    schedules = load_schedules(ctx.ws)
+    rows: dict[str, dict[int, tuple]] = {}
+    for method in s.methods:
+        if method == "teacher":
+            rows[method] = {s.n_steps: (teacher, uniform_grid(s.n_steps))}
+        elif method in TRAINED:
+            rows[method] = {}
+            for k in s.nfes:
+                model, schedule = load_student(student_dir(ctx.ws, method, k), str(device))
+                rows[method][k] = (model, schedule.times)
+        else:
+            rows[method] = {k: (teacher, schedules[method][k].times) for k in s.nfes}
+    return rows
+
+
+def costs(ctx: StepContext) -> dict:
+    s = ctx.params.sweep
+    search = read_json(ctx.ws.step("schedules") / "schedules.json")["search"]
+    searched = Searched({}, {name: Cost(**c) for name, c in search.items()})
+    student = {}
+    for method in TRAINED:
+        if method not in s.methods:
+            continue
+        table = read_json(ctx.ws.step("students") / method / "costs.json")
+        student[method] = {k: Cost(**table["shared" if method == "reflow_uniform"
+                                         else f"nfe_{k}"]) for k in s.nfes}
+    return cost_table(s, searched, student)
+
+
+@torch.no_grad()
+def run(ctx: StepContext) -> dict:
+    s = ctx.params.sweep
+    data = load_prepared(ctx.ws)
+    score, key = scorer(ctx, data)  # file and size checks before any sampling
+    teacher = load_teacher(ctx.ws, ctx.params.run.device)
+    device = next(teacher.parameters()).device
+    rows = plan(ctx, teacher)
+    metrics = evaluate(rows, teacher, data.data_shape, score, s, device=device,
+                       progress=ctx.params.run.progress)
+    write_json(ctx.ws.results / "metrics.json", metrics)
+    write_json(ctx.ws.results / "costs.json", costs(ctx))
+    noise = sample_noise(tuple(data.data_shape), s.seed + 100, 0, GRID_SAMPLES, device=device)
+    grids = {f"{m}.nfe_{k}": euler_sample(v, noise, t) for m, by_k in rows.items()
+             for k, (v, t) in by_k.items()}
+    save_tensors(ctx.ws.step(NAME) / "samples.safetensors", grids)
+    for method, by_k in metrics.items():
+        for nfe_key, row in by_k.items():
+            k = int(nfe_key.split("_")[1])
+            ctx.log_metrics({f"{method}.{name}": value for name, value in row.items()
+                             if name not in ("n_samples", "n_seeds")}, step=k, parent=True)
+    headline = {}
+    if "boss" in metrics and "uniform" in metrics:
+        k = min(s.nfes)
+        headline = {f"boss_over_uniform_{key}_at_{k}":
+                    metrics["boss"][f"nfe_{k}"][key] / metrics["uniform"][f"nfe_{k}"][key]}
+    return {"rows": sum(len(v) for v in metrics.values()), **headline}
+
+
+task = prefect_task(NAME, run, SECTIONS)
+
+if __name__ == "__main__":
+    sys.exit(main(NAME, run, SECTIONS, __doc__))

@@ -1,0 +1,78 @@
+"""Step 6, pairs: the straightening targets, from ONE teacher pass.
+
+    python -m tasks.pairs [--params params.yaml]
+
+For every K: the teacher's chords along the searched schedule (boss, boss_lora) and along the
+uniform grid (distill_uniform): inputs x_{t_k} (the teacher's state), times t_k and targets
+(x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k). Plus reflow pairs (noise, N-step end point) when
+reflow_uniform is run. ``sweep.pair_samples`` noises, seeded per sample.
+Writes outputs/pairs/pairs.safetensors: tensors "<group>.nfe_K.<field>" and "reflow.<field>".
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from boss_core.pairs import ChordPairs, ReflowPairs, teacher_pairs
+
+from .artifacts import load_prepared, load_schedules, load_teacher
+from .io import load_tensors, save_tensors
+from .step import StepContext, main, prefect_task
+
+NAME, SECTIONS = "pairs", ("sweep", "run")
+# which chords each trained method learns
+GROUPS = {"boss": ("boss", "boss_lora"), "distill_uniform": ("distill_uniform",)}
+
+
+def pairs_file(ctx_ws):
+    return ctx_ws.step(NAME) / "pairs.safetensors"
+
+
+def run(ctx: StepContext) -> dict:
+    s = ctx.params.sweep
+    shape = load_prepared(ctx.ws).data_shape
+    schedules = load_schedules(ctx.ws)
+    teacher = load_teacher(ctx.ws, ctx.params.run.device)
+    device = next(teacher.parameters()).device
+    source = {"boss": s.straighten_schedule, "distill_uniform": "distill_uniform"}
+    targets = {(group, k): schedules[source[group]][k] for group, methods in GROUPS.items()
+               if set(methods) & set(s.methods) for k in s.nfes}
+    reflow = "reflow_uniform" in s.methods
+    with torch.no_grad():
+        chords, ends = teacher_pairs(teacher, targets, s.n_steps, shape, seed=s.seed + 2,
+                                     start=0, count=s.pair_samples, batch_size=s.batch_size,
+                                     device=device, reflow=reflow,
+                                     progress=ctx.params.run.progress)
+    tensors = {}
+    for (group, k), pairs in chords.items():
+        for field in ("x", "t", "target", "sample"):
+            tensors[f"{group}.nfe_{k}.{field}"] = getattr(pairs, field)
+    if ends is not None:
+        tensors.update({f"reflow.{f}": getattr(ends, f) for f in ("z", "x1", "sample")})
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"pairs step: non-finite teacher states in {bad}")
+    save_tensors(pairs_file(ctx.ws), tensors, {"keys": sorted({k.rsplit(".", 1)[0]
+                                                               for k in tensors})})
+    count = {key: len(p) for key, p in chords.items()}
+    return {"chord_sets": len(count), "chord_pairs": sum(count.values()),
+            "reflow_pairs": 0 if ends is None else len(ends)}
+
+
+def load_pairs(ws, group: str, nfe: int | None = None):
+    """``ChordPairs`` for (group, K), or ``ReflowPairs`` when group == "reflow"."""
+    tensors, _ = load_tensors(pairs_file(ws))
+    if group == "reflow":
+        return ReflowPairs(*(tensors[f"reflow.{f}"] for f in ("z", "x1", "sample")))
+    prefix = f"{group}.nfe_{nfe}"
+    if f"{prefix}.x" not in tensors:
+        raise ValueError(f"no pairs for {prefix} in {pairs_file(ws)}: rerun the pairs step")
+    return ChordPairs(*(tensors[f"{prefix}.{f}"] for f in ("x", "t", "target", "sample")))
+
+
+task = prefect_task(NAME, run, SECTIONS)
+
+if __name__ == "__main__":
+    sys.exit(main(NAME, run, SECTIONS, __doc__))

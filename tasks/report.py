@@ -1,0 +1,74 @@
+"""Step 9, report: plots and tables from the metrics, logged to MLflow and DVC.
+
+    python -m tasks.report [--params params.yaml]
+
+results/figures/: fid_vs_nfe.png (FID +- std per method), endpoint_vs_nfe.png, cost_matrix.png
+(the cost matrix with the chosen Bellman paths), step_sizes.png, samples_<method>.png (one
+row of digits per NFE) and straighten_loss.png. results/plots/*.csv: the same data in long
+format for ``dvc plots``. results/metrics.md: the table.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from boss_core.cost import CostMatrix
+from boss_core.sweep import TRAINED, metrics_frame
+
+from . import plots
+from .artifacts import load_schedules
+from .io import load_tensors, read_json, write_text
+from .step import StepContext, main, prefect_task
+
+NAME, SECTIONS = ("report", ("sweep", "run"))
+
+
+def run(ctx: StepContext) -> dict:
+    s, ws = ctx.params.sweep, ctx.ws
+    metrics = read_json(ws.results / "metrics.json")
+    figures, tables = ws.results / "figures", ws.results / "plots"
+    key = "fid" if any("fid" in row for t in metrics.values() for row in t.values()) else "swd"
+    plots.fid_vs_nfe(metrics, key, figures / f"{key}_vs_nfe.png")
+    plots.endpoint_vs_nfe(metrics, figures / "endpoint_vs_nfe.png")
+    rows = plots.metrics_long_rows(metrics)
+    plots.write_csv_atomic([r for r in rows if r["method"] != "teacher"],
+                           tables / "metrics.csv")
+    schedules = load_schedules(ws)
+    tensors, meta = load_tensors(ws.step("cost") / "cost.safetensors")
+    cost = CostMatrix(tensors["sum"].numpy(), int(meta["n_samples"]))
+    searched = {k: list(sch.indices) for k, sch in schedules["bellman"].items()}
+    plots.cost_heatmap(cost.values, searched, cost.times, figures / "cost_matrix.png")
+    shown = {m: {k: list(sch.times) for k, sch in by_k.items()} for m, by_k in schedules.items()
+             if m in ("bellman", "bellman_global", "uniform", "edm", "shift")}
+    plots.step_sizes({k: list(sch.times) for k, sch in schedules["bellman"].items()},
+                     figures / "step_sizes.png")
+    plots.write_csv_atomic(plots.step_sizes_table(shown), tables / "step_sizes.csv")
+    samples, _ = load_tensors(ws.step("evaluate") / "samples.safetensors")
+    for name, grid in samples.items():
+        plots.sample_grid(grid, figures / "samples" / f"{name}.png", title=name)
+    curves = {}
+    for method in TRAINED:
+        for k in s.nfes:
+            path = ws.step("students") / method / f"nfe_{k}" / "losses.csv"
+            if path.is_file() and (method != "reflow_uniform" or k == min(s.nfes)):
+                label = "reflow_uniform" if method == "reflow_uniform" else f"{method} K={k}"
+                curves[label] = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    if curves:
+        plots.loss_curves(curves, figures / "straighten_loss.png",
+                          title="straightening loss")
+    frame = metrics_frame(metrics)
+    write_text(ws.results / "metrics.md", frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    for target in (ctx.run_id, ctx.parent_id):
+        ctx.client.log_artifacts(target, str(figures), "figures")
+        ctx.client.log_artifact(target, str(ws.results / "metrics.md"))
+        ctx.client.log_artifact(target, str(ws.results / "metrics.json"))
+        ctx.client.log_artifact(target, str(ws.step("schedules") / "schedules.json"))
+    return {"figures": len(list(figures.rglob("*.png")))}
+
+
+task = prefect_task(NAME, run, SECTIONS)
+
+if __name__ == "__main__":
+    sys.exit(main(NAME, run, SECTIONS, __doc__))

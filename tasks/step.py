@@ -1,0 +1,163 @@
+"""What every step shares: its context, its MLflow run, its Prefect task and its command line.
+
+A step is a function ``run(ctx: StepContext) -> dict`` (a small JSON-able summary) plus the
+params sections it reads. ``execute`` runs it inside a nested MLflow run; ``prefect_task`` wraps
+``execute`` as a Prefect task for ``flows.pipeline``; ``main`` is the ``python -m tasks.<step>``
+entry point that ``dvc.yaml`` calls.
+
+Prefect under DVC: when ``PREFECT_API_URL`` is set (``flows.repro --prefect`` starts one server
+for the whole ``dvc repro``), each stage runs as a one-task Prefect flow and shows in its UI.
+Without it the stage calls the same function directly, instead of paying for a temporary
+Prefect server in every stage process (see the README for the measured costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .params import Params, ParamsError, load_params, parse_override
+from .workspace import Workspace
+
+log = logging.getLogger("boss")
+StepFn = Callable[["StepContext"], dict]
+
+
+@dataclass
+class StepContext:
+    name: str
+    params: Params
+    ws: Workspace
+    client: Any  # mlflow.MlflowClient
+    run_id: str
+    parent_id: str
+    started: float = field(default_factory=time.perf_counter)
+
+    def log_metrics(self, values: Mapping[str, float], step: int = 0,
+                    parent: bool = False) -> None:
+        """Finite values to this step's run (and to the parent run when ``parent``)."""
+        tracking.log_metrics(self.client, self.run_id, values, step)
+        if parent:
+            tracking.log_metrics(self.client, self.parent_id, values, step)
+
+    def log_curve(self, name: str, rows, every: int = 1) -> None:
+        """An (S, 2) array of (step, value) rows as one metric with ``step=``."""
+        import math
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(name, float(v), stamp, int(s)) for s, v in rows[::every]
+                 if math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None,
+                     parent: bool = False) -> None:
+        path = Path(path)
+        run = self.parent_id if parent else self.run_id
+        if path.is_dir():
+            self.client.log_artifacts(run, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+def execute(name: str, fn: StepFn, sections: Iterable[str], params: Params,
+            ws: Workspace) -> dict:
+    """Run one step in a nested MLflow run; logs and returns its summary."""
+    sections = tuple(sections)
+    log.info("step %s: start (out=%s)", name, ws.out)
+    with tracking.step_run(name, ws.repo, params.run.experiment, params.flat(sections),
+                           params.flat()) as (client, run_id, parent):
+        ctx = StepContext(name, params, ws, client, run_id, parent)
+        summary = fn(ctx) or {}
+        wall = time.perf_counter() - ctx.started
+        ctx.log_metrics({"wall_seconds": wall})
+    log.info("step %s: done in %.1f s %s", name, wall, _brief(summary))
+    return summary
+
+
+def _brief(summary: Mapping[str, Any]) -> str:
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in summary.items() if isinstance(v, (int, float, str))]
+    return ("(" + ", ".join(parts) + ")") if parts else ""
+
+
+def prefect_task(name: str, fn: StepFn, sections: Iterable[str], retries: int = 0):
+    """The step as a Prefect task ``task(params, ws) -> summary``.
+
+    ``retries`` is for steps whose failures are I/O (reading user files, the registry); the
+    deterministic math steps keep 0, since rerunning them gives the same error.
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    sections = tuple(sections)
+
+    def run_step(params: Params, ws: Workspace) -> dict:
+        return execute(name, fn, sections, params, ws)
+
+    run_step.__name__ = f"{name}_step"
+    return task(run_step, name=name, retries=retries, retry_delay_seconds=2,
+                cache_policy=NO_CACHE)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("BOSS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow.store.db.utils", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    p.add_argument("--out", default=None,
+                   help="folder for outputs/, results/, checkpoints/ (default: the repo root)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one params key (repeatable)")
+    return p
+
+
+def main(name: str, fn: StepFn, sections: Iterable[str], doc: str | None = None,
+         argv: list[str] | None = None, add_args=None, bind=None) -> int:
+    """``python -m tasks.<name>``: load params (errors before compute), run, exit 0/1/2.
+
+    ``add_args(parser)`` adds step options; ``bind(args) -> (name, fn)`` then picks the step.
+    """
+    p = parser(name, doc)
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args(argv)
+    if bind is not None:
+        name, fn = bind(args)
+    setup_logging()
+    try:
+        params = load_params(args.params, dict(parse_override(o) for o in args.overrides))
+    except ParamsError as err:
+        log.error("%s", err)
+        return 2
+    ws = Workspace.at(Path(args.params).resolve().parent, args.out)
+    if os.environ.get("PREFECT_API_URL") and os.environ.get("BOSS_PREFECT", "1") != "0":
+        from prefect import flow
+
+        step_task = prefect_task(name, fn, sections)
+        flow(name=f"boss-stage-{name}", log_prints=True)(
+            lambda: step_task(params, ws))()
+    else:
+        execute(name, fn, sections, params, ws)
+    return 0

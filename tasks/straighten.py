@@ -1,0 +1,117 @@
+"""Step 7, straighten: fine-tune the teacher to its K-step schedule, one method per stage.
+
+    python -m tasks.straighten --method boss [--params params.yaml]
+
+Methods: boss (full fine-tuning on the Bellman schedule's chords), boss_lora (the same with a
+rank-``sweep.lora_rank`` LoRA adapter, merged after training), distill_uniform (chords of the
+uniform grid) and reflow_uniform (one model on (noise, end point) pairs, used at every K).
+All see the same pairs budget and ``straighten`` settings. A method left out of
+``sweep.methods`` writes an empty folder. Checkpoints go to checkpoints/straighten/... and a
+killed run resumes from them.
+
+Writes outputs/students/<method>/nfe_K/{model.safetensors, schedule.json, losses.csv} and
+costs.json; each model is logged to MLflow and registered as "<experiment>-<method>-nfe<K>"
+with its schedule attached.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+
+from boss_core.lora import add_lora, check_lora_rank, merge_lora
+from boss_core.pairs import holdout_mask
+from boss_core.straighten import straighten, trainable_copy
+from boss_core.sweep import TRAINED
+
+from .artifacts import load_schedules, load_teacher, student_dir, teacher_file
+from .io import load_tensors, save_model, write_json
+from .pairs import load_pairs
+from .step import StepContext, main, prefect_task
+from .tracking import register_model
+
+NAME, SECTIONS = "straighten", ("model", "teacher", "sweep", "straighten", "run")
+
+
+def target_schedules(ctx: StepContext, method: str):
+    """{K: Schedule} the method samples with (reflow: uniform steps)."""
+    s, table = ctx.params.sweep, load_schedules(ctx.ws)
+    name = {"boss": s.straighten_schedule, "boss_lora": s.straighten_schedule,
+            "distill_uniform": "distill_uniform", "reflow_uniform": "uniform"}[method]
+    return {k: table[name][k] for k in s.nfes}
+
+
+def run_method(ctx: StepContext, method: str) -> dict:
+    p = ctx.params
+    out = ctx.ws.step("students") / method
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if method not in p.sweep.methods:
+        write_json(out / "costs.json", {})
+        return {"method": method, "skipped": True}
+    teacher = load_teacher(ctx.ws, p.run.device)
+    if method == "boss_lora":
+        check_lora_rank(teacher, p.sweep.lora_rank)  # before any compute
+    _, meta = load_tensors(teacher_file(ctx.ws))
+    schedules = target_schedules(ctx, method)
+    group = {"boss": "boss", "boss_lora": "boss", "distill_uniform": "distill_uniform",
+             "reflow_uniform": "reflow"}[method]
+    keys = [0] if method == "reflow_uniform" else list(p.sweep.nfes)
+    digest = p.digest(("data", "model", "teacher", "sweep", "straighten"))
+    costs, trained = {}, {}
+    for k in keys:
+        pairs = load_pairs(ctx.ws, group, None if k == 0 else k)
+        held = holdout_mask(pairs.sample, p.sweep.seed + 2, p.sweep.holdout_fraction)
+        train, val = pairs.subset(~held), pairs.subset(held)
+        student = (add_lora(teacher, p.sweep.lora_rank, seed=p.straighten.seed)
+                   if method == "boss_lora" else trainable_copy(teacher))
+        tag = "shared" if k == 0 else f"nfe_{k}"
+        ckpt = ctx.ws.checkpoints(NAME) / method / tag / digest
+        result = straighten(student, train, p.straighten, val=val, checkpoint_dir=ckpt)
+        model = merge_lora(result.ema_model) if method == "boss_lora" else result.ema_model
+        trained[k] = (model, result)
+        ctx.log_curve(f"loss.{tag}", result.losses, every=max(1, len(result.losses) // 200))
+        if len(result.val_losses):
+            ctx.log_curve(f"val_loss.{tag}", result.val_losses)
+        costs[tag] = {"iterations": p.straighten.iterations,
+                      "wall_seconds": result.wall_time_s,
+                      "trainable_params": result.trainable_params}
+        shutil.rmtree(ckpt, ignore_errors=True)  # done: the model file is the result
+    for k in p.sweep.nfes:
+        model, result = trained[0 if method == "reflow_uniform" else k]
+        folder = student_dir(ctx.ws, method, k)
+        save_model(folder / "model.safetensors", model, meta["model_config"],
+                   meta["data_shape"], {"method": method, "nfe": k})
+        write_json(folder / "schedule.json", schedules[k].to_dict())
+        np.savetxt(folder / "losses.csv", result.losses, delimiter=",", header="step,loss",
+                   comments="")
+        ctx.log_artifact(folder, f"models/{method}/nfe_{k}")
+        if p.run.register_models:
+            register_model(ctx.client, ctx.run_id, f"{p.run.experiment}-{method}-nfe{k}",
+                           f"models/{method}/nfe_{k}",
+                           {"method": method, "nfe": str(k),
+                            "schedule": schedules[k].to_json()})
+    write_json(out / "costs.json", costs)
+    return {"method": method, "models": len(p.sweep.nfes),
+            "train_seconds": sum(c["wall_seconds"] for c in costs.values())}
+
+
+def main_cli(argv=None) -> int:
+    def add_args(p):
+        p.add_argument("--method", required=True, choices=TRAINED, help="the student to train")
+
+    def bind(args):
+        return f"{NAME}_{args.method}", lambda ctx: run_method(ctx, args.method)
+
+    return main(NAME, None, SECTIONS, __doc__, argv, add_args=add_args, bind=bind)
+
+
+def make_task(method: str):
+    return prefect_task(f"{NAME}_{method}", lambda ctx: run_method(ctx, method), SECTIONS)
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())

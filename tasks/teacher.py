@@ -1,0 +1,78 @@
+"""Step 2, teacher: train the flow-matching teacher, or load your own pretrained one.
+
+    python -m tasks.teacher [--params params.yaml] [--set teacher.iterations=500]
+
+With ``model.weights`` set, the named state_dict is loaded into the network ``model`` builds
+(your own architecture by import path, with its adapter) and nothing is trained. Otherwise the
+teacher trains from scratch, checkpointing every ``teacher.log_every`` steps to
+checkpoints/teacher/<params hash>/ and resuming from there after a crash.
+Writes outputs/teacher/model.safetensors (EMA weights + config) and losses.csv.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from boss_core.models import build_model, count_parameters
+from boss_core.teacher import train_teacher
+
+from .artifacts import load_prepared, teacher_file
+from .io import atomic_path, save_model, write_json
+from .step import StepContext, main, prefect_task
+
+NAME, SECTIONS = "teacher", ("data", "model", "teacher")
+CHECKPOINT = "teacher.pt"
+
+
+def run(ctx: StepContext) -> dict:
+    p = ctx.params
+    data = load_prepared(ctx.ws)
+    out = ctx.ws.step(NAME)
+    config = p.model.to_dict()
+    if p.model.weights is not None:
+        from boss_core.models.external import build_pretrained
+
+        weights = str(ctx.ws.data_path(p.model.weights))
+        model = build_pretrained(p.model.__class__.from_dict({**config, "weights": weights}),
+                                 data.data_shape)
+        save_model(teacher_file(ctx.ws), model, {**config, "weights": None}, data.data_shape,
+                   {"source": weights})
+        ctx.set_tags({"teacher.source": weights})
+        return {"pretrained": weights, "parameters": count_parameters(model)}
+
+    ckpt_dir = ctx.ws.checkpoints(NAME) / ctx.params.digest(SECTIONS)
+    ckpt = ckpt_dir / CHECKPOINT
+    start = torch.load(ckpt, weights_only=True) if ckpt.is_file() else None
+    if start is not None:
+        ctx.set_tags({"resumed_from_step": start["step"]})
+
+    def on_progress(progress):
+        ctx.log_metrics({"loss": progress.loss}, step=progress.step)
+        with atomic_path(ckpt) as tmp:
+            torch.save(progress.snapshot(), tmp)
+
+    model = build_model(p.model, data.data_shape, seed=p.teacher.seed)
+    result = train_teacher(model, data.x, p.teacher, labels=data.y, callback=on_progress,
+                           start_state=start)
+    save_model(teacher_file(ctx.ws), result.ema_model, config, data.data_shape)
+    np.savetxt(out / "losses.csv", result.losses, delimiter=",", header="step,loss",
+               comments="")
+    from .plots import loss_curves
+
+    loss_curves({"teacher": result.losses}, out / "loss.png", title="teacher training loss")
+    ctx.log_artifact(out / "loss.png", "figures")
+    summary = {"iterations": result.step, "final_loss": float(result.losses[-50:, 1].mean()),
+               "parameters": count_parameters(result.ema_model),
+               "train_seconds": result.wall_time_s}
+    write_json(out / "summary.json", summary)
+    ckpt.unlink(missing_ok=True)  # finished: the model file is the result
+    return summary
+
+
+task = prefect_task(NAME, run, SECTIONS)
+
+if __name__ == "__main__":
+    sys.exit(main(NAME, run, SECTIONS, __doc__))

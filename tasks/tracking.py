@@ -1,0 +1,203 @@
+"""MLflow: one parent run per pipeline invocation, one nested run per step.
+
+The store defaults to ``sqlite:///<repo root>/mlflow.db`` (an absolute path, so ``dvc exp run``
+copies log to the same place) with artifacts in ``<repo root>/mlartifacts``;
+``MLFLOW_TRACKING_URI`` overrides it (use a tracking server for concurrent runs).
+
+Finding the parent run, in order:
+1. ``BOSS_PARENT_RUN_ID`` in the environment (set by the Prefect flow and ``flows.repro``);
+2. the ``dvc`` process this step runs under: every stage of one ``dvc repro`` / ``dvc exp run``
+   shares the tag ``boss.invocation = dvc-<pid>-<start time>`` and so one parent run;
+3. otherwise a new parent run for this process.
+Nothing about the parent is written to DVC-tracked files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .workspace import repo_root
+
+PARENT_ENV = "BOSS_PARENT_RUN_ID"
+INVOCATION_TAG = "boss.invocation"
+log = logging.getLogger("boss")
+
+
+def tracking_uri(repo: Path) -> str:
+    """``MLFLOW_TRACKING_URI``, else the SQLite file at the root that owns ``repo``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(repo) / 'mlflow.db'}"
+
+
+def setup(repo: Path, experiment: str) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(repo))
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri(repo).startswith("sqlite:"):
+        location = (repo_root(repo) / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except Exception:  # another process created it first
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _dvc_invocation() -> str | None:
+    """``dvc-<pid>-<create time>`` of the nearest ``dvc`` ancestor process, if any."""
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = proc.cmdline()
+            if any(Path(part).name in ("dvc", "dvc.exe") for part in cmd[:2]) or (
+                    len(cmd) > 2 and cmd[1:3] == ["-m", "dvc"]):
+                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+            proc = proc.parent()
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def start_parent(experiment_id: str, repo: Path, name: str, params: Mapping[str, Any],
+                 tags: Mapping[str, str] | None = None) -> str:
+    """Create a parent run (left RUNNING) with the flattened params; returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    all_tags = {"boss.kind": "pipeline", **(tags or {})}
+    commit = git_commit(repo)
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def find_parent(experiment_id: str, repo: Path, params: Mapping[str, Any]) -> str:
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    import mlflow
+
+    key = _dvc_invocation()
+    if key is not None:
+        found = mlflow.MlflowClient().search_runs(
+            [experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{key}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+    name = f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}" if key else "pipeline"
+    return start_parent(experiment_id, repo, name, params,
+                        {INVOCATION_TAG: key or f"pid-{os.getpid()}"})
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
+    """Finite values only (a NaN never reaches MLflow)."""
+    import math
+
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    items = [Metric(k, float(v), stamp, int(step)) for k, v in values.items()
+             if math.isfinite(float(v))]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+@contextmanager
+def step_run(step: str, repo: Path, experiment: str, params: Mapping[str, Any],
+             all_params: Mapping[str, Any]) -> Iterator[tuple[Any, str, str]]:
+    """A nested run for ``step`` under the invocation's parent.
+
+    Yields (client, run id, parent id). A failure marks both runs FAILED (the parent keeps
+    its earlier metrics); success marks the step FINISHED and the parent FINISHED until the
+    next step reopens it, so no run is left RUNNING when the pipeline stops.
+    """
+    import mlflow
+
+    experiment_id = setup(repo, experiment)
+    client = mlflow.MlflowClient()
+    parent = find_parent(experiment_id, repo, all_params)
+    if client.get_run(parent).info.status != "RUNNING":
+        client.update_run(parent, status="RUNNING")
+    tags = {"mlflow.parentRunId": parent, "boss.step": step}
+    commit = git_commit(repo)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=step, tags=tags)
+    run_id = run.info.run_id
+    log_params(client, run_id, params)
+    try:
+        yield client, run_id, parent
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(parent, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    if os.environ.get(PARENT_ENV) is None:  # flows.repro / the flow end their own parent
+        client.set_terminated(parent, status="FINISHED")
+
+
+def retry(fn, attempts: int = 3, delay: float = 2.0, what: str = "MLflow call"):
+    """Call ``fn()``; on an I/O-like error wait and try again (registry and artifact writes)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (OSError, ConnectionError, TimeoutError) as err:
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (%s); retry %d/%d", what, err, attempt, attempts - 1)
+            time.sleep(delay)
+        except Exception as err:  # MlflowException wraps transport errors
+            if "RESOURCE_DOES_NOT_EXIST" in str(err) or attempt == attempts:
+                raise
+            log.warning("%s failed (%s); retry %d/%d", what, err, attempt, attempts - 1)
+            time.sleep(delay)
+
+
+def register_model(client, run_id: str, name: str, artifact_path: str,
+                   tags: Mapping[str, str]) -> str:
+    """Register the run's artifact folder ``artifact_path`` (safetensors + config + schedule;
+    no pickle) as a new version of ``name``; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=(
+            "A BOSS-straightened velocity model: model.safetensors (weights + config in its "
+            "metadata) and schedule.json. Load with `python -m tasks.sample --registry NAME`."))
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = retry(lambda: client.create_model_version(name, source, run_id=run_id,
+                                                        tags=dict(tags)),
+                    what=f"registering {name}")
+    return version.version
