@@ -33,8 +33,10 @@ def run(ctx: StepContext) -> dict:
     plots.fid_vs_nfe(metrics, key, figures / f"{key}_vs_nfe.png")
     plots.endpoint_vs_nfe(metrics, figures / "endpoint_vs_nfe.png")
     rows = plots.metrics_long_rows(metrics)
-    plots.write_csv_atomic([r for r in rows if r["method"] != "teacher"],
-                           tables / "metrics.csv")
+    for method in metrics:  # one file per method: DVC plots draw one line per file
+        if method != "teacher":
+            plots.write_csv_atomic([r for r in rows if r["method"] == method],
+                                   tables / "methods" / f"{method}.csv")
     schedules = load_schedules(ws)
     tensors, meta = load_tensors(ws.step("cost") / "cost.safetensors")
     cost = CostMatrix(tensors["sum"].numpy(), int(meta["n_samples"]))
@@ -44,7 +46,10 @@ def run(ctx: StepContext) -> dict:
              if m in ("bellman", "bellman_global", "uniform", "edm", "shift")}
     plots.step_sizes({k: list(sch.times) for k, sch in schedules["bellman"].items()},
                      figures / "step_sizes.png")
-    plots.write_csv_atomic(plots.step_sizes_table(shown), tables / "step_sizes.csv")
+    steps = plots.step_sizes_table(shown)
+    for k in s.nfes:
+        plots.write_csv_atomic([r for r in steps if r["method"] == "bellman" and r["nfe"] == k],
+                               tables / "steps" / f"bellman_nfe_{k}.csv")
     samples, _ = load_tensors(ws.step("evaluate") / "samples.safetensors")
     for name, grid in samples.items():
         plots.sample_grid(grid, figures / "samples" / f"{name}.png", title=name)

@@ -1,0 +1,55 @@
+"""Parameter profiles: a flat YAML of ``section.key: value`` overrides on top of params.yaml.
+
+    python -m tasks.profile params.paper.yaml --dvc-args       # "-S key=value ..." for dvc exp run
+    python -m tasks.profile tests/profiles/tiny.yaml --write params.yaml   # merge in place
+
+Every key is checked (the merged params must load) before anything is printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from .io import write_text
+from .params import ParamsError, apply_overrides, build_params, read_yaml
+
+
+def read_profile(path: str | Path) -> dict:
+    raw = read_yaml(path)
+    bad = [k for k in raw if "." not in str(k)]
+    if bad:
+        raise ParamsError(f"profile {path}: keys must be section.key, got {bad}")
+    return raw
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", help="flat YAML of section.key: value")
+    parser.add_argument("--params", default="params.yaml", help="the base params file")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dvc-args", action="store_true", help="print -S arguments")
+    mode.add_argument("--write", metavar="FILE", help="write the merged params to FILE")
+    args = parser.parse_args(argv)
+    try:
+        overrides = read_profile(args.profile)
+        merged = apply_overrides(read_yaml(args.params), overrides)
+        build_params(merged)  # validate before printing or writing
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dvc_args:
+        print(" ".join(f"-S {shlex.quote(f'{k}={yaml.safe_dump(v, default_flow_style=True).strip()}')}"
+                       for k, v in overrides.items()).replace("\n...", ""))
+    else:
+        write_text(args.write, yaml.safe_dump(merged, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
