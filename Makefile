@@ -1,5 +1,7 @@
-# The two commands: `make run` (demo on the embedded digits) and `make test` (lint + pytest).
-# Each creates the virtual environment when it is missing and installs everything.
+# The two commands: `make run` (the DVC pipeline on the embedded digits) and `make test`
+# (lint + pytest). Each creates the virtual environment when it is missing and installs
+# everything. Others: `make ui` (MLflow UI), `make prefect` (Prefect server + deployment),
+# `make run-paper` (the longer profile as a DVC experiment), `make sample`, `make demo`.
 # VENV may point outside the clone (CI keeps one per dependency hash, see .ci/run).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,8 +10,14 @@ PY := $(VENV)/bin/python
 DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deps-$(DEPS_HASH)
 RUN_ARGS ?=
+UI_PORT ?= 5000
+# the venv first on PATH: dvc.yaml's stages call `python -m tasks.<step>`
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run test lint bench clean
+.PHONY: install run run-paper demo ui prefect sample test lint bench clean
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +30,29 @@ $(STAMP):
 install: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
+# The embedded digits are written byte-for-byte as data.dvc records them, so a fresh clone
+# needs no DVC remote; then DVC runs what is out of date.
 run: install
+	$(PY) -m tasks.embed --root data
+	dvc repro $(RUN_ARGS)
+	@cat results/metrics.md
+	@echo "Results: results/ (dvc metrics show, dvc plots show); MLflow: make ui"
+
+run-paper: install
+	$(PY) -m tasks.embed --root data
+	dvc exp run $$($(PY) -m tasks.profile params.paper.yaml --dvc-args) $(RUN_ARGS)
+
+demo: install
 	$(PY) -m boss_core.demo $(RUN_ARGS)
+
+ui: install
+	$(PY) -m tasks.ui --port $(UI_PORT)
+
+prefect: install
+	$(PY) -m flows.local_server --serve
+
+sample: install
+	$(PY) -m tasks.sample --method boss --nfe 2 --n 64 --seed 0 --out samples
 
 lint: install
 	$(VENV)/bin/ruff check .

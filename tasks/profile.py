@@ -27,6 +27,11 @@ def read_profile(path: str | Path) -> dict:
     return raw
 
 
+def _inline(value) -> str:
+    """A value as one line of YAML flow style (what ``dvc exp run -S`` parses)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +49,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dvc_args:
-        print(" ".join(f"-S {shlex.quote(f'{k}={yaml.safe_dump(v, default_flow_style=True).strip()}')}"
-                       for k, v in overrides.items()).replace("\n...", ""))
+        pairs = [f"{k}={_inline(v)}" for k, v in overrides.items()]
+        print(" ".join(f"-S {shlex.quote(pair)}" for pair in pairs))
     else:
         write_text(args.write, yaml.safe_dump(merged, sort_keys=False))
     return 0

@@ -5,10 +5,10 @@ params sections it reads. ``execute`` runs it inside a nested MLflow run; ``pref
 ``execute`` as a Prefect task for ``flows.pipeline``; ``main`` is the ``python -m tasks.<step>``
 entry point that ``dvc.yaml`` calls.
 
-Prefect under DVC: when ``PREFECT_API_URL`` is set (``flows.repro --prefect`` starts one server
-for the whole ``dvc repro``), each stage runs as a one-task Prefect flow and shows in its UI.
-Without it the stage calls the same function directly, instead of paying for a temporary
-Prefect server in every stage process (see the README for the measured costs).
+Prefect under DVC: when ``PREFECT_API_URL`` is set (e.g. ``make prefect`` is running and you
+export its URL), each stage runs as a one-task Prefect flow and shows in its UI. Without it the
+stage calls the same function directly instead of paying for a temporary Prefect server in
+every stage process (bench/stage_overhead.py measures both; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -133,6 +133,15 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def use_prefect() -> bool:
+    """``BOSS_PREFECT``: "1" always runs stages as Prefect flows (a temporary server per process
+    when no API is set), "0" never, "auto" (default) when ``PREFECT_API_URL`` is set."""
+    mode = os.environ.get("BOSS_PREFECT", "auto").lower()
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"BOSS_PREFECT must be 0, 1 or auto, got {mode!r}")
+    return mode == "1" or (mode == "auto" and bool(os.environ.get("PREFECT_API_URL")))
+
+
 def main(name: str, fn: StepFn, sections: Iterable[str], doc: str | None = None,
          argv: list[str] | None = None, add_args=None, bind=None) -> int:
     """``python -m tasks.<name>``: load params (errors before compute), run, exit 0/1/2.
@@ -152,7 +161,7 @@ def main(name: str, fn: StepFn, sections: Iterable[str], doc: str | None = None,
         log.error("%s", err)
         return 2
     ws = Workspace.at(Path(args.params).resolve().parent, args.out)
-    if os.environ.get("PREFECT_API_URL") and os.environ.get("BOSS_PREFECT", "1") != "0":
+    if use_prefect():
         from prefect import flow
 
         step_task = prefect_task(name, fn, sections)

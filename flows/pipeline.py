@@ -1,0 +1,228 @@
+"""The whole pipeline as one Prefect flow: ``boss_pipeline(overrides, params_file, run_dir)``.
+
+The flow chains the step tasks of ``tasks/`` in the order of ``dvc.yaml`` (prepare, teacher,
+features, cost, schedules, pairs, the four straighten methods, evaluate, report). It is what
+``python -m flows.serve`` deploys as ``boss-pipeline/<name>``::
+
+    prefect deployment run 'boss-pipeline/boss-default' \\
+        --param overrides='{"straighten.iterations": 100}' --watch
+
+Each flow run writes into its own folder, ``runs/<flow run name>/`` under the repo (or
+``run_dir``), with the layout of the DVC workspace (outputs/, results/, checkpoints/) plus
+the effective ``params.yaml``; the DVC workspace at the repo root is never touched. Params
+(with overrides) are checked before any compute: a bad key fails the flow at once, naming
+the key. All steps log nested MLflow runs under one parent run per flow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from tasks import (
+    cost,
+    evaluate,
+    features,
+    pairs,
+    prepare,
+    report,
+    schedules,
+    straighten,
+    teacher,
+)
+from tasks.params import Params, ParamsError, load_params
+from tasks.workspace import Workspace
+
+log = logging.getLogger("boss")
+
+FLOW_NAME = "boss-pipeline"
+REPO = Path(__file__).resolve().parents[1]
+STRAIGHTEN_METHODS = ("boss", "boss_lora", "reflow_uniform", "distill_uniform")
+HEADLINE = ("boss", "uniform")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one flow run reads and where it writes; built before any compute."""
+
+    params: Params
+    params_file: Path
+    ws: Workspace  # ws.repo: params, data, MLflow store; ws.out: this run's folder
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.ws.out
+
+
+def _flow_run_identity() -> tuple[str | None, str | None]:
+    """(name, id) of the current Prefect flow run, or (None, None) outside one."""
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        return None, None
+    run_id = flow_run.id
+    name = flow_run.name if run_id else None
+    return (str(name) if name else None), (str(run_id) if run_id else None)
+
+
+def resolve_params_file(params_file: str | os.PathLike) -> Path:
+    """An absolute path: as given, else relative to the working directory, else to the repo."""
+    path = Path(params_file).expanduser()
+    if path.is_absolute():
+        return path
+    if (Path.cwd() / path).is_file():
+        return (Path.cwd() / path).resolve()
+    return (REPO / path).resolve()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
+def default_run_dir(repo: Path, name: str | None, run_id: str | None) -> Path:
+    """``<repo>/runs/<flow run name>``; a name already used gets the run id appended."""
+    runs = repo / "runs"
+    base = _safe(name) if name else time.strftime("local-%Y%m%d-%H%M%S")
+    path = runs / base
+    if path.exists():
+        suffix = run_id[:8] if run_id else f"{os.getpid()}-{time.time_ns() % 10**6}"
+        path = runs / f"{base}-{suffix}"
+    return path
+
+
+def prepare_run(overrides: Mapping[str, Any] | None = None,
+                params_file: str | os.PathLike = "params.yaml",
+                run_dir: str | os.PathLike | None = None) -> RunPlan:
+    """Load and check the params (ParamsError naming the key), then pick the run folder.
+
+    Creates nothing: the folder is made by ``start_run``.
+    """
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ParamsError(f"overrides must be a mapping of section.key to value, "
+                          f"got {type(overrides).__name__}")
+    path = resolve_params_file(params_file)
+    params = load_params(path, dict(overrides or {}))
+    repo = path.parent
+    name, run_id = _flow_run_identity()
+    out = Path(run_dir).expanduser() if run_dir is not None else default_run_dir(repo, name,
+                                                                                   run_id)
+    if not out.is_absolute():
+        out = repo / out
+    ws = Workspace.at(repo, out)
+    if ws.out == ws.repo:
+        raise ParamsError(f"run_dir {str(out)!r} is the repo root: the flow never writes into "
+                          "the DVC workspace")
+    return RunPlan(params, path, ws, name or ws.out.name)
+
+
+def ensure_data(plan: RunPlan) -> None:
+    """Write the embedded digits when the params read them from ``<repo>/data/digits``."""
+    data = plan.params.data
+    if data.name != "npy" or data.root is None:
+        return
+    if plan.ws.data_path(data.root).resolve() == (plan.ws.repo / "data" / "digits").resolve():
+        from tasks.embed import write_digits
+
+        written = write_digits(plan.ws.repo / "data")
+        if written:
+            log.info("embedded digits written: %s", [p.name for p in written])
+
+
+def write_provenance(plan: RunPlan) -> Path:
+    from tasks.io import write_text
+
+    path = plan.run_dir / "params.yaml"
+    write_text(path, yaml.safe_dump(dict(plan.params.raw), sort_keys=False))
+    return path
+
+
+@contextmanager
+def parent_run(plan: RunPlan) -> Iterator[str]:
+    """One MLflow parent run for the flow run, FINISHED or FAILED with it.
+
+    ``BOSS_PARENT_RUN_ID`` points every step's nested run at it while the flow runs (it is
+    process-wide: run one flow per process, as ``flow.serve`` does).
+    """
+    import mlflow
+
+    from tasks import tracking
+
+    name, run_id = _flow_run_identity()
+    experiment_id = tracking.setup(plan.ws.repo, plan.params.run.experiment)
+    tags = {"prefect.flow_run_id": run_id or "", "prefect.flow_run_name": name or "",
+            "boss.run_dir": str(plan.run_dir),
+            tracking.INVOCATION_TAG: f"prefect-{run_id or os.getpid()}"}
+    parent = tracking.start_parent(experiment_id, plan.ws.repo, f"flow {plan.name}",
+                                   plan.params.flat(), tags)
+    client = mlflow.MlflowClient()
+    previous = os.environ.get(tracking.PARENT_ENV)
+    os.environ[tracking.PARENT_ENV] = parent
+    try:
+        yield parent
+    except BaseException:
+        client.set_terminated(parent, status="FAILED")
+        raise
+    else:
+        client.set_terminated(parent, status="FINISHED")
+    finally:
+        if previous is None:
+            os.environ.pop(tracking.PARENT_ENV, None)
+        else:
+            os.environ[tracking.PARENT_ENV] = previous
+
+
+def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The boss and uniform rows of results/metrics.json ({method: {"nfe_K": {...}}})."""
+    return {m: dict(metrics[m]) for m in HEADLINE if m in metrics}
+
+
+def run_steps(plan: RunPlan) -> None:
+    """The step tasks in dvc.yaml's order; each raises on failure (no compute retries)."""
+    params, ws = plan.params, plan.ws
+    for module in (prepare, teacher, features, cost, schedules, pairs):
+        module.task(params, ws)
+    for method in STRAIGHTEN_METHODS:
+        straighten.make_task(method)(params, ws)
+    evaluate.task(params, ws)
+    report.task(params, ws)
+
+
+@flow(name=FLOW_NAME, log_prints=True, retries=0)
+def boss_pipeline(overrides: dict[str, Any] | None = None, params_file: str = "params.yaml",
+                  run_dir: str | None = None) -> dict[str, Any]:
+    """The BOSS pipeline, prepare to report, in its own run folder.
+
+    Args:
+        overrides: ``{"section.key": value}`` on top of the params file, e.g.
+            ``{"straighten.iterations": 100}``; a bad key fails the run before any compute.
+        params_file: the base params (relative: to the working directory, else the repo).
+        run_dir: where outputs/, results/, checkpoints/ go (default ``runs/<flow run name>``
+            under the params file's folder).
+    """
+    plan = prepare_run(overrides, params_file, run_dir)  # before any compute or file
+    if log.level == logging.NOTSET:  # step logs reach Prefect via PREFECT_LOGGING_EXTRA_LOGGERS
+        log.setLevel(os.environ.get("BOSS_LOG_LEVEL", "INFO"))
+    log.info("boss-pipeline: params %s, run folder %s", plan.params_file, plan.run_dir)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    write_provenance(plan)
+    ensure_data(plan)
+    from tasks.io import read_json
+
+    with parent_run(plan) as parent:
+        run_steps(plan)
+    metrics = read_json(plan.ws.results / "metrics.json")
+    summary = {"run_dir": str(plan.run_dir), "mlflow_parent_run_id": parent,
+               **headline(metrics)}
+    print(f"boss-pipeline done: {plan.run_dir}")
+    return summary

@@ -1,0 +1,54 @@
+"""Shared by the end-to-end tests: a throwaway copy of the repository on the tiny profile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The venv first on PATH (dvc.yaml calls `python -m tasks.<step>`), one thread each,
+    no telemetry."""
+    out = dict(os.environ)
+    out.update(PATH=f"{BIN}{os.pathsep}{out.get('PATH', '')}", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", BOSS_LOG_LEVEL="WARNING")
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "BOSS_PARENT_RUN_ID"):
+        out.pop(key, None)
+    out.update(extra)
+    return out
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 600, check: bool = True,
+        **extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                             f"{done.stderr[-5000:]}")
+    return done
+
+
+def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml") -> Path:
+    """The tracked and untracked-not-ignored files, committed in a fresh git repo, with the
+    profile merged into params.yaml and the embedded data written."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    if profile:
+        run([sys.executable, "-m", "tasks.profile", profile, "--write", "params.yaml"], dest)
+    run([sys.executable, "-m", "tasks.embed"], dest)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        run(cmd, dest)
+    return dest

@@ -1,0 +1,108 @@
+"""params.yaml loading: every bad key or value is refused before compute, naming section.key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import SECTIONS, ParamsError, apply_overrides, load_params, parse_override
+from tasks.profile import main as profile_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+
+def test_params_yaml_spells_out_every_key_of_every_config():
+    """dvc.yaml lists keys individually, so params.yaml holds them all (except the ones filled
+    from run: device, progress; and fidelity.n_seeds, filled from sweep)."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    for section, cls in SECTIONS.items():
+        expected = {f.name for f in dataclasses.fields(cls)}
+        if section != "run":
+            expected -= {"device", "progress"}
+        if section == "fidelity":
+            expected -= {"n_seeds"}
+        assert expected == set(raw[section]), (section, expected ^ set(raw[section]))
+
+
+def test_dvc_stage_params_exist_in_params_yaml():
+    raw = yaml.safe_load(PARAMS.read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = []
+    for stage in stages.values():
+        listed += (stage.get("do") or stage).get("params", [])
+    assert listed
+    for key in listed:
+        section, name = key.split(".")
+        assert name in raw[section], key
+
+
+def test_defaults_load_and_fill_device_from_run():
+    p = load_params(PARAMS, {"run.device": "cpu"})
+    assert p.teacher.device == p.straighten.device == p.features.device == "cpu"
+    assert p.fidelity.n_seeds == p.sweep.n_seeds
+    assert p.flat()["straighten.iterations"] == p.straighten.iterations
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ({"teacher.iterations": 0}, "teacher.iterations"),
+    ({"teacher.iterations": "many"}, "teacher.iterations"),
+    ({"straighten.lr": -1.0}, "straighten.lr"),
+    ({"sweep.batch_size": 0}, "sweep.batch_size"),
+    ({"sweep.nfes": [2, 500]}, "sweep.nfes"),
+    ({"sweep.methods": ["boss", "magic"]}, "sweep.unknown method"),
+    ({"run.device": "tpu"}, "run.device"),
+    ({"model.arch": "transformer"}, "model.arch"),
+    ({"data.name": "imagenet"}, "data.name"),
+    ({"fidelity.kid_subset_size": 5000}, "fidelity.kid_subset_size"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ParamsError) as err:
+        load_params(PARAMS, override)
+    section, _, key = named.partition(".")
+    assert str(err.value).startswith(section + ".") or named in str(err.value), str(err.value)
+    assert key.split()[0] in str(err.value)
+
+
+def test_unknown_keys_and_sections_are_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"teacher\.itertions"):
+        load_params(PARAMS, {"teacher.itertions": 5})
+    bad = yaml.safe_load(PARAMS.read_text())
+    bad["straighten"]["learning_rate"] = 1e-3
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match=r"straighten\.learning_rate"):
+        load_params(path)
+    bad.pop("straighten")
+    bad["straightening"] = {}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match="straightening"):
+        load_params(path)
+
+
+def test_override_parsing_is_yaml():
+    assert parse_override("sweep.nfes=[1, 2]") == ("sweep.nfes", [1, 2])
+    assert parse_override("model.weights=null") == ("model.weights", None)
+    merged = apply_overrides({"teacher": {"lr": 1.0}}, {"teacher.lr": 0.5})
+    assert merged == {"teacher": {"lr": 0.5}}
+    with pytest.raises(ParamsError):
+        parse_override("no-equals-sign")
+
+
+def test_profiles_merge_and_validate(tmp_path, capsys):
+    out = tmp_path / "params.yaml"
+    assert profile_main([str(ROOT / "tests/profiles/tiny.yaml"), "--params", str(PARAMS),
+                         "--write", str(out)]) == 0
+    tiny = load_params(out)
+    assert tiny.sweep.n_steps == 20 and tiny.straighten.iterations == 60
+    assert profile_main([str(ROOT / "params.paper.yaml"), "--params", str(PARAMS),
+                         "--dvc-args"]) == 0
+    args = capsys.readouterr().out
+    assert "-S 'straighten.iterations=2000'" in args
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("straighten.iterations: 0\n")
+    assert profile_main([str(bad), "--params", str(PARAMS), "--write", str(out)]) == 2
+    assert load_params(out).straighten.iterations == 60  # the earlier file is intact

@@ -1,0 +1,128 @@
+"""End to end: `dvc repro` on the tiny profile in a copy of the repository, then the MLflow
+store, a no-op second repro, `dvc exp run -S`, `dvc metrics diff`, `dvc plots show` and
+sampling from a registered model."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+from pipeline_helpers import copy_repo, run
+
+pytestmark = pytest.mark.slow
+STEPS = ["prepare", "teacher", "features", "cost", "schedules", "pairs", "straighten_boss",
+         "straighten_boss_lora", "straighten_reflow_uniform", "straighten_distill_uniform",
+         "evaluate", "report"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dest = copy_repo(tmp_path_factory.mktemp("repo"))
+    run([str(_dvc()), "repro"], dest, timeout=900)
+    return dest
+
+
+def _dvc():
+    from pipeline_helpers import BIN
+
+    return BIN / "dvc"
+
+
+def _metrics(repo):
+    return json.loads((repo / "results" / "metrics.json").read_text())
+
+
+def test_metrics_cover_every_method_and_nfe(repo):
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    metrics = _metrics(repo)
+    sweep = params["sweep"]
+    assert set(metrics) == set(sweep["methods"])
+    for method, table in metrics.items():
+        keys = [f"nfe_{sweep['n_steps']}"] if method == "teacher" else [
+            f"nfe_{k}" for k in sweep["nfes"]]
+        assert sorted(table) == sorted(keys), method
+        for row in table.values():
+            for name in ("fid", "fid_std", "kid", "kid_std", "endpoint_rmse"):
+                assert math.isfinite(row[name]), (method, name)
+            assert row["n_samples"] == sweep["eval_samples"]
+            assert row["n_seeds"] == sweep["n_seeds"]
+    assert metrics["teacher"][f"nfe_{sweep['n_steps']}"]["endpoint_rmse"] == 0.0
+    uniform = [metrics["uniform"][f"nfe_{k}"]["fid"] for k in sweep["nfes"]]
+    assert all(a > b for a, b in zip(uniform, uniform[1:], strict=False)), uniform
+    assert metrics["boss"]["nfe_2"]["fid"] < metrics["uniform"]["nfe_2"]["fid"]
+    costs = json.loads((repo / "results" / "costs.json").read_text())
+    assert costs["boss"]["nfe_2"]["iterations"] == params["straighten"]["iterations"]
+    assert costs["bellman"]["nfe_2"]["search_nfe"] > 0
+
+
+def test_mlflow_holds_parent_and_nested_runs(repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("boss-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(STEPS)
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
+    metrics = _metrics(repo)
+    history = client.get_metric_history(children["evaluate"].info.run_id, "boss.fid")
+    assert {h.step: h.value for h in history} == pytest.approx(
+        {int(k.split("_")[1]): row["fid"] for k, row in metrics["boss"].items()})
+    on_parent = client.get_metric_history(parent.info.run_id, "uniform.endpoint_rmse")
+    assert len(on_parent) == len(metrics["uniform"])
+    assert parent.data.params["straighten.iterations"] == "60"
+    assert parent.data.tags.get("mlflow.source.git.commit")
+    names = {m.name for m in client.search_registered_models()}
+    assert "boss-tiny-boss-nfe2" in names
+    version = client.get_latest_versions("boss-tiny-boss-nfe2")[0]
+    schedule = json.loads(version.tags["schedule"])
+    saved = json.loads((repo / "outputs/students/boss/nfe_2/schedule.json").read_text())
+    assert schedule["times"] == saved["times"]
+
+
+def test_second_repro_reruns_nothing(repo):
+    out = run([str(_dvc()), "repro"], repo)
+    assert "Running stage" not in out.stdout + out.stderr
+    status = run([str(_dvc()), "status"], repo)
+    assert "up to date" in status.stdout
+
+
+def test_sample_from_the_registered_model(repo, tmp_path):
+    out = tmp_path / "samples"
+    run([sys.executable, "-m", "tasks.sample", "--registry", "boss-tiny-boss-nfe2", "--n", "16",
+         "--seed", "3", "--out", str(out)], repo)
+    local = tmp_path / "local"
+    run([sys.executable, "-m", "tasks.sample", "--method", "boss", "--nfe", "2", "--n", "16",
+         "--seed", "3", "--out", str(local)], repo)
+    import numpy as np
+
+    a, b = sorted(out.glob("*.npy")), sorted(local.glob("*.npy"))
+    assert len(a) == len(b) == 1
+    assert np.array_equal(np.load(a[0]), np.load(b[0]))
+
+
+def test_exp_run_metrics_diff_and_plots(repo):
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
+    before = _metrics(repo)
+    done = run([str(_dvc()), "exp", "run", "-S", "straighten.iterations=20"], repo, timeout=900)
+    assert "Running stage 'straighten@boss'" in done.stdout + done.stderr
+    assert "Running stage 'teacher'" not in done.stdout + done.stderr
+    after = _metrics(repo)
+    assert after["uniform"] == before["uniform"]  # untouched rows are identical
+    assert after["boss"]["nfe_2"]["fid"] != before["boss"]["nfe_2"]["fid"]
+    diff = run([str(_dvc()), "metrics", "diff", "--json"], repo)
+    changed = json.loads(diff.stdout)["results/metrics.json"]
+    assert "boss.nfe_2.fid" in changed and "uniform.nfe_2.fid" not in changed
+    shown = run([str(_dvc()), "plots", "show", "-o", "plots_html"], repo)
+    html = (repo / "plots_html" / "index.html").read_text()
+    assert "fid_vs_nfe" in html and "endpoint_vs_nfe" in html, shown.stdout[-500:]
