@@ -29,6 +29,16 @@ QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEME
              "DVC_NO_ANALYTICS": "1"}
 
 
+class ApiUrl(str):
+    """The server's API URL (a str) that also carries the server process (``.proc``)."""
+
+    proc: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -37,6 +47,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT
         try:
             s.bind((host, port))
         except OSError:
@@ -50,36 +61,40 @@ def prefect_executable() -> str:
     return str(local) if local.is_file() else (shutil.which("prefect") or "prefect")
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM ``proc`` by PID, SIGKILL after ``timeout``; then its leftover children by PID."""
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop ``proc`` and its descendants by PID: SIGTERM to all, SIGKILL after ``timeout``.
+
+    Signalling the descendants too matters for ``flows.serve``: on SIGTERM Prefect's runner
+    waits for its flow-run processes to finish, while a flow-run process given SIGTERM ends
+    its run as Crashed at once.
+    """
+    import psutil
+
     if proc.poll() is not None:
         return
-    children = []
     try:
-        import psutil
-
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:  # psutil missing or the process just ended
-        children = []
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    for child in children:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.Error:
+        tree = []
+    for p in tree:
         try:
-            if child.is_running() and child.status() != "zombie":
-                child.terminate()
-                child.wait(timeout)
-        except Exception:
-            try:
-                child.kill()
-            except Exception:
-                pass
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    try:
+        proc.wait(timeout)  # reaps the direct child
+    except subprocess.TimeoutExpired:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=2)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    if proc.poll() is None:
+        proc.wait(5)
 
 
 def wait_healthy(api_url: str, proc: subprocess.Popen | None = None,
@@ -103,14 +118,16 @@ def wait_healthy(api_url: str, proc: subprocess.Popen | None = None,
 @contextmanager
 def prefect_server(port: int | None = None, home: str | os.PathLike | None = None,
                    timeout: float = 90.0, log_file: str | os.PathLike | None = None,
-                   env: Mapping[str, str] | None = None) -> Iterator[str]:
+                   env: Mapping[str, str] | None = None) -> Iterator[ApiUrl]:
     """Run ``prefect server start --host 127.0.0.1 --port <port>``; yields the API URL.
+
+    The URL is a str with the server's ``Popen`` as ``.proc`` (and ``.pid``).
 
     ``port`` None picks a free one; ``home`` sets ``PREFECT_HOME`` (its SQLite database).
     The server runs in its own process group and is stopped by PID (SIGTERM, then SIGKILL).
     """
     port = port or free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
+    api_url = ApiUrl(f"http://127.0.0.1:{port}/api")
     child_env = {**os.environ, **QUIET_ENV, **(env or {})}
     child_env.pop("PREFECT_API_URL", None)  # the server must not talk to another server
     if home is not None:
@@ -121,6 +138,7 @@ def prefect_server(port: int | None = None, home: str | os.PathLike | None = Non
         [prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=child_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)
+    api_url.proc = proc
     try:
         wait_healthy(api_url, proc, timeout)
         yield api_url
@@ -183,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=DEFAULT_NAME, help="deployment name")
     parser.add_argument("--params-file", default="params.yaml", help="base params file")
     args = parser.parse_args(argv)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM from make or kill, stop both children (SIGINT is ignored in jobs
+    # started with & by a non-interactive shell unless a handler is set).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     port = args.port or (4200 if port_is_free(4200) else free_port())
     started = time.monotonic()
     with prefect_server(port, args.home) as api_url:
@@ -202,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the serve process exited with code {serve.returncode}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("stopping", flush=True)
+            print("stopping the runner and the server", flush=True)
             return 0
         finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):  # a second one must not orphan them
+                signal.signal(signum, signal.SIG_IGN)
             if serve is not None:
                 stop_process(serve)
 

@@ -40,6 +40,7 @@ from tasks import (
     straighten,
     teacher,
 )
+from tasks.io import read_json
 from tasks.params import Params, ParamsError, load_params
 from tasks.workspace import Workspace
 
@@ -106,7 +107,7 @@ def prepare_run(overrides: Mapping[str, Any] | None = None,
                 run_dir: str | os.PathLike | None = None) -> RunPlan:
     """Load and check the params (ParamsError naming the key), then pick the run folder.
 
-    Creates nothing: the folder is made by ``start_run``.
+    Creates nothing: the flow makes the folder once this has passed.
     """
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ParamsError(f"overrides must be a mapping of section.key to value, "
@@ -217,8 +218,6 @@ def boss_pipeline(overrides: dict[str, Any] | None = None, params_file: str = "p
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     write_provenance(plan)
     ensure_data(plan)
-    from tasks.io import read_json
-
     with parent_run(plan) as parent:
         run_steps(plan)
     metrics = read_json(plan.ws.results / "metrics.json")

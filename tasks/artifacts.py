@@ -36,20 +36,34 @@ def load_prepared(ws: Workspace) -> TensorData:
                       classes=tuple(meta.get("classes", ())))
 
 
-def build_from_meta(model_config: dict, data_shape: tuple) -> nn.Module:
-    """Rebuild a saved model's network (weights are loaded by the caller, never re-read
-    from ``model_config['weights']``)."""
-    config = ModelConfig.from_dict({**model_config, "weights": None}
-                                   if "weights" in model_config else model_config)
-    return build_model(config, data_shape)
+def model_builder(allowed_import: str | None = None):
+    """``build(model_config, data_shape)`` for ``io.load_model``: rebuilds a saved network.
+
+    A file's config with ``arch: import`` names code to import and call, so it is refused
+    unless its ``import_path`` is ``allowed_import`` (the one params.yaml names). Weights are
+    loaded by the caller, never re-read from ``model_config['weights']``.
+    """
+    def build(model_config: dict, data_shape: tuple) -> nn.Module:
+        config = ModelConfig.from_dict({**model_config, "weights": None})
+        if config.arch == "import" and config.import_path != allowed_import:
+            raise ValueError(f"the model file names code to import ({config.import_path!r}); "
+                             "only the import_path params.yaml names is trusted")
+        return build_model(config, data_shape)
+
+    return build
+
+
+build_from_meta = model_builder(None)
 
 
 def teacher_file(ws: Workspace) -> Path:
     return ws.step("teacher") / "model.safetensors"
 
 
-def load_teacher(ws: Workspace, device: str = "cpu") -> nn.Module:
-    model, _ = load_model(teacher_file(ws), build_from_meta, resolve_device(device))
+def load_teacher(ws: Workspace, device: str = "cpu",
+                 allowed_import: str | None = None) -> nn.Module:
+    model, _ = load_model(teacher_file(ws), model_builder(allowed_import),
+                          resolve_device(device))
     return model
 
 
@@ -57,9 +71,10 @@ def student_dir(ws: Workspace, method: str, nfe: int) -> Path:
     return ws.step("students") / method / f"nfe_{nfe}"
 
 
-def load_student(path: Path, device: str = "cpu") -> tuple[nn.Module, Schedule]:
+def load_student(path: Path, device: str = "cpu",
+                 allowed_import: str | None = None) -> tuple[nn.Module, Schedule]:
     """A straightened model folder (local or downloaded from the registry)."""
-    model, _ = load_model(Path(path) / "model.safetensors", build_from_meta,
+    model, _ = load_model(Path(path) / "model.safetensors", model_builder(allowed_import),
                           resolve_device(device))
     schedule = Schedule.from_dict(read_json(Path(path) / "schedule.json"))
     return model, schedule

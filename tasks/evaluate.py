@@ -74,7 +74,8 @@ def plan(ctx: StepContext, teacher):
         elif method in TRAINED:
             rows[method] = {}
             for k in s.nfes:
-                model, schedule = load_student(student_dir(ctx.ws, method, k), str(device))
+                model, schedule = load_student(student_dir(ctx.ws, method, k), str(device),
+                                                ctx.params.model.import_path)
                 rows[method][k] = (model, schedule.times)
         else:
             rows[method] = {k: (teacher, schedules[method][k].times) for k in s.nfes}
@@ -100,7 +101,7 @@ def run(ctx: StepContext) -> dict:
     s = ctx.params.sweep
     data = load_prepared(ctx.ws)
     score, key = scorer(ctx, data)  # file and size checks before any sampling
-    teacher = load_teacher(ctx.ws, ctx.params.run.device)
+    teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
     rows = plan(ctx, teacher)
     metrics = evaluate(rows, teacher, data.data_shape, score, s, device=device,

@@ -34,7 +34,7 @@ def run(ctx: StepContext) -> dict:
     s = ctx.params.sweep
     shape = load_prepared(ctx.ws).data_shape
     schedules = load_schedules(ctx.ws)
-    teacher = load_teacher(ctx.ws, ctx.params.run.device)
+    teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
     source = {"boss": s.straighten_schedule, "distill_uniform": "distill_uniform"}
     targets = {(group, k): schedules[source[group]][k] for group, methods in GROUPS.items()

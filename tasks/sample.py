@@ -15,12 +15,15 @@ Sample i starts from ``sample_noise(data_shape, seed, 0, n)[i]``, so one seed gi
 samples bit for bit on one device (and batch size). Writes ``<out>/<label>_nfe<K>_seed<seed>.npy``
 (float32, (n, *data_shape)) and ``.png`` (image grid or 2-D scatter) atomically and prints their
 paths. Models are read from safetensors only: a pickle (torch.save) file is refused, never
-unpickled. Exit code 2 names what is missing or unreadable.
+unpickled. A registered model whose config has arch "import" (rebuilding it imports and calls
+the callable its file names) is refused unless --allow-import. Exit code 2 names what is
+missing or unreadable.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -37,8 +40,8 @@ from boss_core.sampling import euler_sample
 from boss_core.schedule import Schedule
 from boss_core.seeds import sample_noise
 
-from .artifacts import build_from_meta
-from .io import atomic_path, load_model, read_json
+from .artifacts import build_from_meta, model_builder
+from .io import atomic_path, load_model, load_tensors, read_json
 from .workspace import repo_root
 
 MODEL_FILE, SCHEDULE_FILE = "model.safetensors", "schedule.json"
@@ -70,12 +73,36 @@ def _refuse_pickle(path: Path) -> None:
             f"(unpickling can run code)")
 
 
-def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu"
-                ) -> tuple[nn.Module, Schedule, tuple[int, ...]]:
+def _refuse_import(path: Path) -> None:
+    """ValueError if the model file's config builds its network with arch "import".
+
+    Rebuilding such a model calls ``import_path(**init_kwargs)`` from the file's metadata: any
+    importable callable with any arguments (e.g. ``os:system``), i.e. code the file chooses.
+    Reads the JSON header only.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get("model_config")
+        config = json.loads(raw) if raw is not None else {}
+    except Exception:  # a bad header: load_model refuses the file and names it
+        return
+    if isinstance(config, dict) and config.get("arch") == "import":
+        raise ValueError(
+            f"{path} builds its network by importing {config.get('import_path')!r} "
+            f"(arch 'import'), which runs code named by the file; refused: pass --allow-import "
+            f"(allow_import=True) if you trust where the model came from")
+
+
+def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu", *,
+                allow_import: bool = False) -> tuple[nn.Module, Schedule, tuple[int, ...]]:
     """(eval-mode model, schedule, data shape) of a student folder; errors name the file.
 
     Same files as ``tasks.artifacts.load_student``; the data shape comes from the model file's
-    metadata. FileNotFoundError for a missing folder or file, ValueError for a bad one.
+    metadata. A torch.save / pickle file is refused unread, and a model whose config has arch
+    "import" unless ``allow_import`` (rebuilding it imports and calls what the file names).
+    FileNotFoundError for a missing folder or file, ValueError for a bad one.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -86,7 +113,13 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu"
             raise FileNotFoundError(
                 f"{folder / name} is missing (the folder holds: {', '.join(present)})")
     _refuse_pickle(folder / MODEL_FILE)
-    model, meta = load_model(folder / MODEL_FILE, build_from_meta, resolve_device(device))
+    if not allow_import:
+        _refuse_import(folder / MODEL_FILE)
+        build = build_from_meta
+    else:  # trusted by the caller: allow the import path the file itself names
+        config = load_tensors(folder / MODEL_FILE)[1].get("model_config") or {}
+        build = model_builder(config.get("import_path"))
+    model, meta = load_model(folder / MODEL_FILE, build, resolve_device(device))
     schedule = Schedule.from_dict(read_json(folder / SCHEDULE_FILE))
     shape = meta.get("data_shape")
     if not isinstance(shape, list) or not shape or not all(
@@ -118,9 +151,10 @@ def sample_model(model: nn.Module, schedule: Schedule, data_shape: tuple[int, ..
 
 
 def sample_from_folder(folder: str | os.PathLike, n: int, seed: int, device: str = "cpu",
-                       batch_size: int | None = None) -> tuple[Tensor, Schedule]:
+                       batch_size: int | None = None, *, allow_import: bool = False
+                       ) -> tuple[Tensor, Schedule]:
     """(samples (n, *shape) float32 on the CPU, schedule) of the student in ``folder``."""
-    model, schedule, shape = load_folder(folder, device)
+    model, schedule, shape = load_folder(folder, device, allow_import=allow_import)
     return sample_model(model, schedule, shape, n, seed, batch_size), schedule
 
 
@@ -291,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:<i> or auto")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="samples per network call (default 256)")
+    parser.add_argument("--allow-import", action="store_true",
+                        help="--registry: load a model whose config has arch 'import' (its "
+                        "file names a callable that is imported and called; trusted sources "
+                        "only). Local --method folders always may.")
     return parser
 
 
@@ -301,7 +339,8 @@ def _run(args: argparse.Namespace) -> list[Path]:
             raise SampleError("--outputs and --nfe go with --method, not --registry")
         with tempfile.TemporaryDirectory(prefix="boss-sample-") as tmp:
             folder, name, version = fetch_registered_version(args.registry, dst=tmp)
-            model, schedule, shape = load_folder(folder, device)
+            model, schedule, shape = load_folder(folder, device,
+                                                 allow_import=args.allow_import)
         label = f"{name}-v{version}"
     else:
         if args.nfe is None:
@@ -312,9 +351,9 @@ def _run(args: argparse.Namespace) -> list[Path]:
             parent = outputs / "students" / args.method
             have = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
             hint = (f"; {parent} holds {', '.join(have)}" if have else
-                    f"; run `dvc repro straighten_{args.method}` first or pass --outputs")
+                    f"; run `dvc repro straighten@{args.method}` first or pass --outputs")
             raise SampleError(f"no student folder {folder}{hint}")
-        model, schedule, shape = load_folder(folder, device)
+        model, schedule, shape = load_folder(folder, device, allow_import=True)
         label = args.method
     if args.nfe is not None and schedule.nfe != args.nfe:
         raise SampleError(f"{folder / SCHEDULE_FILE} has K={schedule.nfe}, not {args.nfe}")

@@ -56,7 +56,7 @@ def run(ctx: StepContext) -> dict:
                           "wall_seconds": cost_meta["wall_seconds"]}}
     if needs_global(s):
         shape = load_prepared(ctx.ws).data_shape
-        teacher = load_teacher(ctx.ws, ctx.params.run.device)
+        teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
         device = next(teacher.parameters()).device
         noise = sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
         counter, start = NFECounter(teacher), time.perf_counter()

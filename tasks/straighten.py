@@ -52,7 +52,7 @@ def run_method(ctx: StepContext, method: str) -> dict:
     if method not in p.sweep.methods:
         write_json(out / "costs.json", {})
         return {"method": method, "skipped": True}
-    teacher = load_teacher(ctx.ws, p.run.device)
+    teacher = load_teacher(ctx.ws, p.run.device, p.model.import_path)
     if method == "boss_lora":
         check_lora_rank(teacher, p.sweep.lora_rank)  # before any compute
     _, meta = load_tensors(teacher_file(ctx.ws))

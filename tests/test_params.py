@@ -101,7 +101,7 @@ def test_profiles_merge_and_validate(tmp_path, capsys):
     assert profile_main([str(ROOT / "params.paper.yaml"), "--params", str(PARAMS),
                          "--dvc-args"]) == 0
     args = capsys.readouterr().out
-    assert "-S 'straighten.iterations=2000'" in args
+    assert "-S straighten.iterations=2000" in args
     bad = tmp_path / "bad.yaml"
     bad.write_text("straighten.iterations: 0\n")
     assert profile_main([str(bad), "--params", str(PARAMS), "--write", str(out)]) == 2
