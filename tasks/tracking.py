@@ -5,7 +5,7 @@ copies log to the same place) with artifacts in ``<repo root>/mlartifacts``;
 ``MLFLOW_TRACKING_URI`` overrides it (use a tracking server for concurrent runs).
 
 Finding the parent run, in order:
-1. ``BOSS_PARENT_RUN_ID`` in the environment (set by the Prefect flow and ``flows.repro``);
+1. ``BOSS_PARENT_RUN_ID`` in the environment (set by the Prefect flow ``flows.pipeline``);
 2. the ``dvc`` process this step runs under: every stage of one ``dvc repro`` / ``dvc exp run``
    shares the tag ``boss.invocation = dvc-<pid>-<start time>`` and so one parent run;
 3. otherwise a new parent run for this process.
@@ -162,7 +162,7 @@ def step_run(step: str, repo: Path, experiment: str, params: Mapping[str, Any],
         client.set_terminated(parent, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    if os.environ.get(PARENT_ENV) is None:  # flows.repro / the flow end their own parent
+    if os.environ.get(PARENT_ENV) is None:  # the flow ends its own parent
         client.set_terminated(parent, status="FINISHED")
 
 
