@@ -41,7 +41,9 @@ def run(ctx: StepContext) -> dict:
         save_model(teacher_file(ctx.ws), model, {**config, "weights": None}, data.data_shape,
                    {"source": weights})
         ctx.set_tags({"teacher.source": weights})
-        return {"pretrained": weights, "parameters": count_parameters(model)}
+        summary = {"pretrained": weights, "parameters": count_parameters(model)}
+        write_json(out / "summary.json", summary)
+        return summary
 
     ckpt_dir = ctx.ws.checkpoints(NAME) / ctx.params.digest(SECTIONS)
     ckpt = ckpt_dir / CHECKPOINT

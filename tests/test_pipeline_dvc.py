@@ -97,6 +97,14 @@ def test_second_repro_reruns_nothing(repo):
     assert "up to date" in status.stdout
 
 
+def test_dvc_push_works_out_of_the_box(repo):
+    run([str(_dvc()), "push"], repo)
+    stored = [p for p in (repo / ".dvcstore").rglob("*") if p.is_file()]
+    assert len(stored) >= 3  # the data folder's two files and its .dir listing, at least
+    status = run([str(_dvc()), "status", "--cloud"], repo)
+    assert "up to date" in status.stdout.lower() or not status.stdout.strip()
+
+
 def test_sample_from_the_registered_model(repo, tmp_path):
     out = tmp_path / "samples"
     run([sys.executable, "-m", "tasks.sample", "--registry", "boss-tiny-boss-nfe2", "--n", "16",
