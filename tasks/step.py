@@ -115,9 +115,21 @@ def prefect_task(name: str, fn: StepFn, sections: Iterable[str], retries: int = 
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("BOSS_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    """INFO lines from the ``boss`` logger on stderr (``BOSS_LOG_LEVEL`` changes the level).
+
+    Importing Prefect installs its own root handler at WARNING, so the ``boss`` logger gets
+    a handler of its own rather than relying on ``logging.basicConfig``.
+    """
+    level = os.environ.get("BOSS_LOG_LEVEL", "INFO")
+    boss = logging.getLogger("boss")
+    boss.setLevel(level)
+    if not any(getattr(h, "_boss", False) for h in boss.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               datefmt="%H:%M:%S"))
+        handler._boss = True
+        boss.addHandler(handler)
+        boss.propagate = False
     for noisy in ("alembic", "mlflow.store.db.utils", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
