@@ -27,12 +27,19 @@ from .step import StepContext, main, prefect_task
 NAME, SECTIONS = "cost", ("sweep", "run")
 
 
-def run(ctx: StepContext) -> dict:
+def search_inputs(ctx: StepContext):
+    """(teacher, noise): the teacher on the run's device and the ``sweep.search_samples``
+    search noises (seed ``sweep.seed + 1``), shared by the cost matrix and the global search."""
     s = ctx.params.sweep
     shape = load_prepared(ctx.ws).data_shape
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
-    noise = sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
+    return teacher, sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
+
+
+def run(ctx: StepContext) -> dict:
+    s = ctx.params.sweep
+    teacher, noise = search_inputs(ctx)
     counter, start = NFECounter(teacher), time.perf_counter()
     with torch.no_grad():
         cost = cost_matrix(counter, noise, s.n_steps, s.batch_size,

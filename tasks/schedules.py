@@ -21,10 +21,10 @@ from boss_core.bellman import bellman_schedules, global_schedules
 from boss_core.cost import CostMatrix
 from boss_core.pairs import uniform_on_grid
 from boss_core.presets import PRESETS
-from boss_core.seeds import sample_noise
 from boss_core.velocity import NFECounter
 
-from .artifacts import load_prepared, load_teacher, schedules_file, schedules_to_dict
+from .artifacts import schedules_file, schedules_to_dict
+from .cost import search_inputs
 from .io import load_tensors, write_json
 from .step import StepContext, main, prefect_task
 
@@ -55,10 +55,7 @@ def run(ctx: StepContext) -> dict:
                           "search_evaluations": cost_meta["evaluations"],
                           "wall_seconds": cost_meta["wall_seconds"]}}
     if needs_global(s):
-        shape = load_prepared(ctx.ws).data_shape
-        teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
-        device = next(teacher.parameters()).device
-        noise = sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
+        teacher, noise = search_inputs(ctx)
         counter, start = NFECounter(teacher), time.perf_counter()
         with torch.no_grad():
             found = global_schedules(counter, noise, s.n_steps, k_max, s.batch_size,
