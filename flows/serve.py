@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 DEFAULT_NAME = "boss-default"
 
@@ -45,10 +46,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     from flows.pipeline import boss_pipeline
     from tasks.params import ParamsError, load_params
+    from tasks.tracking import check_prefect_api, check_tracking_server
+    from tasks.workspace import repo_root
 
-    try:  # a broken base params file fails here, not in every triggered run
+    try:  # a broken params file or an unreachable service fails here, not in every run
         load_params(args.params_file)
-    except ParamsError as err:
+        check_prefect_api()
+        check_tracking_server(repo_root(Path(args.params_file).resolve().parent))
+    except (ParamsError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"serving boss-pipeline/{args.name}; trigger a run with:\n  {trigger_command(args.name)}",

@@ -35,9 +35,39 @@ def tracking_uri(repo: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(repo) / 'mlflow.db'}"
 
 
+def check_reachable(url: str, what: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError at once (not after hours of compute) if ``url``'s health
+    endpoint does not answer within ``timeout`` seconds."""
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=timeout)
+        response.raise_for_status()
+    except (httpx.HTTPError, OSError) as err:
+        raise ConnectionError(f"{what} at {url} is unreachable ({err.__class__.__name__}: "
+                              f"{err}); start it, or unset the variable that points there"
+                              ) from err
+
+
+def check_tracking_server(repo: Path) -> None:
+    """An http(s) MLFLOW_TRACKING_URI must answer /health before any step starts."""
+    uri = tracking_uri(repo)
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri.rstrip("/") + "/health", "the MLflow tracking server "
+                        "(MLFLOW_TRACKING_URI)")
+
+
+def check_prefect_api() -> None:
+    """A set PREFECT_API_URL must answer /health before a flow or stage starts."""
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        check_reachable(api.rstrip("/") + "/health", "the Prefect API (PREFECT_API_URL)")
+
+
 def setup(repo: Path, experiment: str) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    check_tracking_server(repo)
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(repo))

@@ -1,0 +1,61 @@
+"""MLflow runs: a failing step never stays RUNNING, and unreachable services fail at once."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import mlflow
+import pytest
+
+from tasks import tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    return tmp_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_failing_step_marks_its_run_and_the_parent_failed(store, monkeypatch):
+    experiment = tracking.setup(store, "t")
+    parent = tracking.start_parent(experiment, store, "p", {"a.b": 1})
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    client = mlflow.MlflowClient()
+    tracking.log_metrics(client, parent, {"earlier": 1.5}, step=2)
+    with tracking.step_run("good", store, "t", {}, {}) as (_, good, _):
+        tracking.log_metrics(client, good, {"x": 1.0, "bad": float("nan")})
+    with pytest.raises(RuntimeError, match="boom"), \
+            tracking.step_run("bad", store, "t", {}, {}) as (_, bad, _):
+        raise RuntimeError("boom")
+    assert client.get_run(good).info.status == "FINISHED"
+    assert "bad" not in client.get_run(good).data.metrics  # NaN never reaches MLflow
+    assert client.get_run(bad).info.status == "FAILED"
+    assert client.get_run(parent).info.status == "FAILED"
+    assert client.get_run(parent).data.metrics == {"earlier": 1.5}
+
+
+def test_an_unreachable_tracking_server_fails_before_any_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    ran = []
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="MLflow tracking server"), \
+            tracking.step_run("s", tmp_path, "t", {}, {}):
+        ran.append(True)
+    assert not ran
+    assert time.perf_counter() - start < 10
+
+
+def test_an_unreachable_prefect_api_is_reported(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{_free_port()}/api")
+    with pytest.raises(ConnectionError, match="PREFECT_API_URL"):
+        tracking.check_prefect_api()
+    monkeypatch.delenv("PREFECT_API_URL")
+    tracking.check_prefect_api()  # unset: nothing to check
