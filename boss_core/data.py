@@ -178,6 +178,12 @@ class DataConfig(ConfigMixin):
         if self.channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1, 3 or null, got {self.channels!r}")
         check_bool("train", self.train)
+        # A resize, a conversion or a split the dataset would silently ignore is refused.
+        for name, unset in (("image_size", None), ("channels", None), ("train", True)):
+            if getattr(self, name) != unset and name not in _ARGS[self.name]:
+                users = [d for d, args in _ARGS.items() if name in args]
+                raise ValueError(f"{name} only applies to datasets {users}, not {self.name!r}: "
+                                 f"set it to {'null' if unset is None else unset}")
 
     def loader_kwargs(self) -> dict[str, Any]:
         """The keyword arguments ``load_dataset(self.name, ...)`` takes."""

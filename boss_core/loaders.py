@@ -64,8 +64,7 @@ def load_image_folder(
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+    _check_folder(root, "image folder")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
     if isinstance(image_size, int):
@@ -92,6 +91,14 @@ def load_image_folder(
     x = _to_unit_range(np.stack(images))  # (M, C, H, W)
     y = torch.tensor(folder.targets, dtype=torch.int64)
     return x, y, list(folder.classes)
+
+
+def _check_folder(root: Path, what: str) -> None:
+    """FileNotFoundError naming ``root`` unless it is an existing folder."""
+    if not root.exists():
+        raise FileNotFoundError(f"{what} {root} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} {root} is a file, not a folder")
 
 
 def _missing(root: Path, names: list[str]) -> list[str]:
@@ -144,15 +151,15 @@ def load_npy(root: str | os.PathLike) -> tuple[Tensor, Tensor | None, list[str]]
     pipeline writes for the embedded digits, so a data folder is versioned as plain files.
     """
     root = Path(root)
-    path = root / "images.npy"
+    _check_folder(root, "data folder")
+    path, labels_path = root / "images.npy", root / "labels.npy"
     if not path.is_file():
         raise FileNotFoundError(f"no images.npy in data folder {root}")
-    try:
-        images = np.load(path, allow_pickle=False)
-        labels_path = root / "labels.npy"
-        labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"cannot read arrays in {root}: {err}") from err
+    images = _read_npy(path)
+    labels = _read_npy(labels_path) if labels_path.is_file() else None
+    if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"{path}: expected uint8 pixels or float values, got dtype "
+                         f"{images.dtype}")
     if images.ndim not in (2, 4) or len(images) == 0:
         raise ValueError(f"{path}: expected (M, C, H, W) images or (M, D) points, got shape "
                          f"{images.shape}")
@@ -163,8 +170,19 @@ def load_npy(root: str | os.PathLike) -> tuple[Tensor, Tensor | None, list[str]]
     y = None
     if labels is not None:
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{root / 'labels.npy'}: expected {len(images)} integer labels, "
+            raise ValueError(f"{labels_path}: expected {len(images)} integer labels, "
                              f"got {labels.dtype} {labels.shape}")
+        if labels.min() < 0:
+            raise ValueError(f"{labels_path}: labels must be >= 0 (class indices), got "
+                             f"{int(labels.min())}")
         y = torch.from_numpy(labels.astype(np.int64))
     classes = [str(c) for c in range(int(y.max()) + 1)] if y is not None else []
     return x, y, classes
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """One .npy file (no pickles); ValueError naming the file when it is corrupt or truncated."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err

@@ -13,8 +13,9 @@ import sys
 
 from boss_core.features import save_feature_net, train_feature_net
 
-from .artifacts import is_image_data, load_prepared
+from .artifacts import dataset_file, is_image_data, load_prepared
 from .io import write_json
+from .prepare import check_classifier_labels
 from .step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "features", ("data", "features", "fidelity")
@@ -23,17 +24,14 @@ NAME, SECTIONS = "features", ("data", "features", "fidelity")
 def run(ctx: StepContext) -> dict:
     data = load_prepared(ctx.ws)
     out = ctx.ws.step(NAME)
-    out.mkdir(parents=True, exist_ok=True)
     if not is_image_data(data.data_shape):
         summary = {"score": "swd_mmd", "reason": f"data_shape {list(data.data_shape)} is not "
                    "an image; scored with sliced Wasserstein and MMD"}
     elif ctx.params.fidelity.extractor == "inception":
         summary = {"score": "fid_kid", "extractor": "inception"}
     else:
-        if data.y is None:
-            raise ValueError("fidelity.extractor='classifier' trains on labels, but the "
-                             "dataset has none: use labelled data (class folders) or "
-                             "fidelity.extractor='inception' with local weights")
+        check_classifier_labels(ctx.params, data, str(dataset_file(ctx.ws)))  # as prepare
+        out.mkdir(parents=True, exist_ok=True)
         result = train_feature_net(data.x, data.y, ctx.params.features)
         save_feature_net(result.net, out / "feature_net.safetensors")
         summary = {"score": "fid_kid", "extractor": "classifier",

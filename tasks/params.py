@@ -162,7 +162,20 @@ def _section(name: str, values: Any, fill: Mapping[str, Any]):
     try:
         return cls.from_dict(merged)
     except (ValueError, TypeError) as err:
-        raise ParamsError(f"{name}.{err}") from err  # config messages start with the key
+        message = f"{name}.{err}"  # config messages start with the key
+        value = merged.get(str(err).split(" ", 1)[0])
+        if isinstance(value, str) and _is_number(value):
+            message += (f" (YAML reads {value} as a string: write the number with a dot, "
+                        "e.g. 1.0e-3, or without an exponent, e.g. 0.001)")
+        raise ParamsError(message) from err
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_across(p: Params) -> None:

@@ -3,16 +3,25 @@
     python -m tasks.prepare [--params params.yaml] [--set data.name=moons]
 
 Writes outputs/prepare/dataset.safetensors (x, and y when labelled) and a grid of real samples.
+As the first stage it also refuses, before anything is written and before the teacher trains,
+what a later stage would only find after the teacher's compute: NaN / Inf values, image data
+without the labels ``fidelity.extractor: classifier`` trains on, and a ``sweep.lora_rank``
+above what every layer of the teacher allows (``boss_lora`` in ``sweep.methods``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
+from boss_core.data import TensorData
+
+from .artifacts import is_image_data
 from .io import save_tensors, write_json
+from .params import Params, ParamsError
 from .step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "prepare", ("data",)
@@ -24,8 +33,8 @@ def run(ctx: StepContext) -> dict:
         config = dataclasses.replace(config, root=str(ctx.ws.data_path(config.root)))
     data = config.load()
     x = data.x.float()
-    if not torch.isfinite(x).all():
-        raise ValueError(f"dataset {config.name!r} holds NaN or Inf values")
+    check_dataset(ctx.params, data, x, where=config.root or config.name)
+    check_inception_file(ctx, data)
     tensors = {"x": x} if data.y is None else {"x": x, "y": data.y.long()}
     meta = {"name": data.name, "n": len(data), "data_shape": list(data.data_shape),
             "classes": list(data.classes), "labelled": data.y is not None}
@@ -40,7 +49,81 @@ def run(ctx: StepContext) -> dict:
     return meta
 
 
-task = prefect_task(NAME, run, SECTIONS, retries=2)  # reading user files: retry flaky I/O
+def check_dataset(params: Params, data: TensorData, x: torch.Tensor, where: str) -> None:
+    """Refuse, naming the file, folder or key, what later stages cannot use (nothing written).
+
+    ``where`` is the data folder (or the dataset's name for a generated set).
+    """
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)  # (M,) samples with NaN / Inf
+    if bad.any():
+        raise ValueError(f"data {where} ({params.data.name}) holds NaN or Inf values in "
+                         f"{int(bad.sum())} of {len(x)} samples (the first is sample "
+                         f"{int(bad.nonzero()[0, 0])})")
+    check_classifier_labels(params, data, where)
+    if "boss_lora" in params.sweep.methods:
+        check_lora_rank_for(params, tuple(data.data_shape))
+
+
+def check_classifier_labels(params: Params, data: TensorData, where: str) -> None:
+    """Image data scored with ``fidelity.extractor: classifier`` needs two or more classes:
+    the FID feature network is a classifier trained on them (one class teaches it nothing)."""
+    if not is_image_data(data.data_shape) or params.fidelity.extractor != "classifier":
+        return
+    n_classes = 0 if data.y is None else int(torch.unique(data.y).numel())
+    if n_classes < 2:
+        found = "has no labels" if data.y is None else "has a single class"
+        raise ParamsError(
+            f"fidelity.extractor='classifier' trains the FID feature network on the labels, "
+            f"but data {where} ({params.data.name}) {found}: set fidelity.extractor=inception "
+            "(with fidelity.inception_weights, a local InceptionV3 file) or give labelled data "
+            "(image_folder with one class folder per label, or labels.npy beside images.npy)")
+
+
+def check_inception_file(ctx: StepContext, data: TensorData) -> None:
+    """``fidelity.inception_weights`` must exist now, not when evaluate (the last stage) opens
+    it: relative to the working directory as evaluate reads it, or to the workspace."""
+    f = ctx.params.fidelity
+    if not is_image_data(data.data_shape) or f.extractor != "inception":
+        return
+    path = Path(f.inception_weights)
+    if not (path.is_file() or ctx.ws.data_path(f.inception_weights).is_file()):
+        raise ParamsError(f"fidelity.inception_weights file {str(ctx.ws.data_path(str(path)))!r} "
+                          "does not exist (fidelity.extractor=inception needs a local "
+                          "torch-fidelity InceptionV3 file; nothing is downloaded)")
+
+
+def check_lora_rank_for(params: Params, data_shape: tuple[int, ...]) -> None:
+    """``sweep.lora_rank`` against the teacher ``params.model`` builds for ``data_shape``.
+
+    The network is built on the meta device (shapes only, no memory, no weights file read);
+    a network whose constructor needs real tensors is built on the CPU instead.
+    """
+    from boss_core.lora import check_lora_rank
+    from boss_core.models import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(params.model, data_shape)
+    except ValueError as err:
+        raise ParamsError(f"model: cannot build the teacher for data_shape {list(data_shape)}: "
+                          f"{err}") from err
+    except Exception:  # a constructor that needs real tensors: build it for real
+        model = build_model(params.model, data_shape)
+    try:
+        check_lora_rank(model, params.sweep.lora_rank)
+    except ValueError as err:
+        raise ParamsError(f"sweep.lora_rank={params.sweep.lora_rank} is too large for the "
+                          f"teacher ({params.model.arch}, data_shape {list(data_shape)}) that "
+                          f"boss_lora adapts: {err}") from err
+
+
+def _retry_io_only(task, task_run, state) -> bool:
+    """Prefect retries a read that may be flaky, not bad input (the same error every time)."""
+    return not isinstance(getattr(state, "data", None), (ValueError, FileNotFoundError))
+
+
+task = prefect_task(NAME, run, SECTIONS, retries=2).with_options(  # reading user files
+    retry_condition_fn=_retry_io_only)
 
 if __name__ == "__main__":
     sys.exit(main(NAME, run, SECTIONS, __doc__))

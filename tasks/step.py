@@ -173,12 +173,20 @@ def main(name: str, fn: StepFn, sections: Iterable[str], doc: str | None = None,
         log.error("%s", err)
         return 2
     ws = Workspace.at(Path(args.params).resolve().parent, args.out)
-    if use_prefect():
-        from prefect import flow
+    try:
+        if use_prefect():
+            tracking.check_prefect_api()
+            from prefect import flow
 
-        step_task = prefect_task(name, fn, sections)
-        flow(name=f"boss-stage-{name}", log_prints=True)(
-            lambda: step_task(params, ws))()
-    else:
-        execute(name, fn, sections, params, ws)
+            step_task = prefect_task(name, fn, sections)
+            flow(name=f"boss-stage-{name}", log_prints=True)(
+                lambda: step_task(params, ws))()
+        else:
+            execute(name, fn, sections, params, ws)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        # Bad input (a file, folder or key the message names): one line, exit 2. The step's
+        # MLflow run is already marked FAILED; BOSS_LOG_LEVEL=DEBUG shows the traceback.
+        log.debug("step %s failed", name, exc_info=True)
+        log.error("error: %s", " ".join(str(err).split()) or type(err).__name__)
+        return 2
     return 0
