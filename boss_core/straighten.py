@@ -7,7 +7,8 @@ for reflow), the loss is the squared error averaged over dims and batch:
 
 Adam with a linear warm-up, grad-norm clipping, and an EMA started from the teacher's
 weights. Step s draws its batch from ``step_generator(seed, s)``, so a run resumed from its
-checkpoint is bit-identical on the CPU to an uninterrupted one. Only parameters with
+checkpoint is bit-identical on the CPU to an uninterrupted one (its ``wall_time_s`` adds the
+time spent before the interruption, kept in the checkpoint). Only parameters with
 ``requires_grad`` are trained (LoRA freezes the base weights).
 """
 
@@ -71,7 +72,8 @@ class StraightenConfig(ConfigMixin):
 @dataclass(frozen=True, eq=False)
 class StraightenResult:
     """ema_model: sample with this; model: the live weights; losses: (S, 2) (step, loss);
-    val_losses: (V, 2) (step, held-out loss of the EMA model); step: steps done."""
+    val_losses: (V, 2) (step, held-out loss of the EMA model); step: steps done;
+    resumed_from: the checkpoint step this run started at (0: from the teacher)."""
 
     ema_model: nn.Module
     model: nn.Module
@@ -81,6 +83,7 @@ class StraightenResult:
     wall_time_s: float
     trainable_params: int
     total_params: int
+    resumed_from: int = 0
 
 
 @torch.no_grad()
@@ -145,6 +148,7 @@ def straighten(
     val=None,
     checkpoint_dir: str | os.PathLike | None = None,
     callback: Callable[[int, float, float | None], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> StraightenResult:
     """Fine-tune ``model`` (in place) on ``train`` pairs; see the module doc.
 
@@ -154,6 +158,8 @@ def straighten(
         checkpoint_dir: where ``straighten.pt`` is written every ``checkpoint_every`` steps
             and at the end (atomically); an existing one there is resumed from.
         callback: ``callback(step, mean_loss, val_loss_or_None)`` every ``eval_every`` steps.
+        on_checkpoint: ``on_checkpoint(step)`` right after each checkpoint is in place (the
+            pipeline's fault-injection hook; anything that must follow a durable save).
     """
     if not isinstance(config, StraightenConfig):
         raise ValueError(f"config must be a StraightenConfig, got {type(config).__name__}")
@@ -173,15 +179,19 @@ def straighten(
     val = val.to(device) if val is not None and len(val) else None
     optimizer = torch.optim.Adam(params, lr=config.lr)
     ema = EMA(model, config.ema_decay)  # restarted from the teacher's weights
-    start, losses, val_losses = 0, [], []
+    start, losses, val_losses, earlier_s = 0, [], [], 0.0
     if ckpt is not None and ckpt.exists():
         state = _load_checkpoint(ckpt, model, ema, optimizer, config)
         start, losses, val_losses = state["step"], state["losses"], state["val_losses"]
+        earlier_s = float(state.get("wall_seconds", 0.0))
 
     def save(step_done: int) -> None:
         _save_atomic({"step": step_done, "model": model.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "losses": losses,
-                      "val_losses": val_losses, "config": config.to_dict()}, ckpt)
+                      "val_losses": val_losses, "config": config.to_dict(),
+                      "wall_seconds": earlier_s + time.perf_counter() - started}, ckpt)
+        if on_checkpoint is not None:
+            on_checkpoint(step_done)
 
     bar = tqdm(total=config.iterations, initial=start, desc="straighten", dynamic_ncols=True,
                disable=not config.progress)
@@ -228,6 +238,6 @@ def straighten(
         ema_model=ema.model, model=model,
         losses=np.array(losses, dtype=np.float64).reshape(-1, 2),
         val_losses=np.array(val_losses, dtype=np.float64).reshape(-1, 2),
-        step=config.iterations, wall_time_s=time.perf_counter() - started,
+        step=config.iterations, wall_time_s=earlier_s + time.perf_counter() - started,
         trainable_params=sum(p.numel() for p in params),
-        total_params=sum(p.numel() for p in model.parameters()))
+        total_params=sum(p.numel() for p in model.parameters()), resumed_from=start)

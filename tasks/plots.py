@@ -1,7 +1,8 @@
 """Figures and plot tables for the pipeline (matplotlib Agg; no MLflow or Prefect here).
 
 Every plotting function returns a ``matplotlib.figure.Figure`` and, when ``path`` is given, also
-writes it as a PNG atomically (``<path>.tmp.png`` in the same folder, then ``os.replace``).
+writes it as a PNG atomically (``tasks.io.atomic_path``: a temporary in the same folder, then
+``os.replace``).
 Figures are built with ``Figure()`` directly, not ``pyplot``, so nothing is registered in pyplot's
 global figure list: there is nothing to close, and the functions are safe to call from threads.
 
@@ -28,26 +29,23 @@ DPI = 110
 
 def _atomic(path: str | os.PathLike, suffix: str, write) -> Path:
     """Run ``write(tmp)`` then move tmp onto ``path``; on error drop tmp and keep the old file."""
+    from .io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + suffix)
-    try:
+    with atomic_path(path, suffix) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
     """Write ``fig`` as a PNG to ``path`` atomically (no-op when ``path`` is None); return it."""
     if path is not None:
-        _atomic(path, ".tmp.png", lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+        _atomic(path, ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return fig
 
 
 def write_csv_atomic(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as a CSV atomically (``<path>.tmp`` then ``os.replace``).
+    """Write ``rows`` as a CSV atomically (a temporary beside ``path``, then ``os.replace``).
 
     The header is the first row's keys, followed by any keys first seen in later rows (missing
     cells are left empty), so a teacher row without e.g. ``kid`` does not break the file.
@@ -62,7 +60,7 @@ def write_csv_atomic(rows: list[dict], path: str | os.PathLike) -> Path:
             writer.writeheader()
             writer.writerows(rows)
 
-    return _atomic(path, ".tmp", write)
+    return _atomic(path, "", write)
 
 
 def _nfe(key: str) -> int:

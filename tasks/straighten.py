@@ -6,8 +6,11 @@ Methods: boss (full fine-tuning on the Bellman schedule's chords), boss_lora (th
 rank-``sweep.lora_rank`` LoRA adapter, merged after training), distill_uniform (chords of the
 uniform grid) and reflow_uniform (one model on (noise, end point) pairs, used at every K).
 All see the same pairs budget and ``straighten`` settings. A method left out of
-``sweep.methods`` writes an empty folder. Checkpoints go to checkpoints/straighten/... and a
-killed run resumes from them.
+``sweep.methods`` writes an empty folder. Checkpoints go to
+checkpoints/straighten/<method>/<nfe_K|shared>/<params hash>/ and a killed run resumes from them
+bit-identically (CPU); they are kept until every model file of the method is written, so a
+run killed while training K=4 does not retrain K=1 and K=2 (tests/test_faults.py kills it at
+the fault point ``straighten.checkpoint``, see tasks/faults.py).
 
 Writes outputs/students/<method>/nfe_K/{model.safetensors, schedule.json, losses.csv} and
 costs.json; each model is logged to MLflow and registered as "<experiment>-<method>-nfe<K>"
@@ -16,6 +19,7 @@ with its schedule attached.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 
@@ -27,11 +31,13 @@ from boss_core.straighten import straighten, trainable_copy
 from boss_core.sweep import TRAINED
 
 from .artifacts import load_schedules, load_teacher, student_dir, teacher_file
-from .io import load_tensors, save_model, write_json
+from .faults import fault_point
+from .io import atomic_path, load_tensors, save_model, write_json
 from .pairs import load_pairs
 from .step import StepContext, main, prefect_task
 from .tracking import register_model
 
+log = logging.getLogger("boss")
 NAME, SECTIONS = "straighten", ("model", "teacher", "sweep", "straighten", "run")
 
 
@@ -61,7 +67,7 @@ def run_method(ctx: StepContext, method: str) -> dict:
              "reflow_uniform": "reflow"}[method]
     keys = [0] if method == "reflow_uniform" else list(p.sweep.nfes)
     digest = p.digest(("data", "model", "teacher", "sweep", "straighten"))
-    costs, trained = {}, {}
+    costs, trained, checkpoints = {}, {}, []
     for k in keys:
         pairs = load_pairs(ctx.ws, group, None if k == 0 else k)
         held = holdout_mask(pairs.sample, p.sweep.seed + 2, p.sweep.holdout_fraction)
@@ -70,7 +76,12 @@ def run_method(ctx: StepContext, method: str) -> dict:
                    if method == "boss_lora" else trainable_copy(teacher))
         tag = "shared" if k == 0 else f"nfe_{k}"
         ckpt = ctx.ws.checkpoints(NAME) / method / tag / digest
-        result = straighten(student, train, p.straighten, val=val, checkpoint_dir=ckpt)
+        result = straighten(student, train, p.straighten, val=val, checkpoint_dir=ckpt,
+                            on_checkpoint=lambda step: fault_point("straighten.checkpoint"))
+        if result.resumed_from:
+            log.info("straighten %s %s: resumed from step %d of %s", method, tag,
+                     result.resumed_from, ckpt)
+            ctx.set_tags({f"resumed_from_step.{tag}": result.resumed_from})
         model = merge_lora(result.ema_model) if method == "boss_lora" else result.ema_model
         trained[k] = (model, result)
         ctx.log_curve(f"loss.{tag}", result.losses, every=max(1, len(result.losses) // 200))
@@ -79,15 +90,15 @@ def run_method(ctx: StepContext, method: str) -> dict:
         costs[tag] = {"iterations": p.straighten.iterations,
                       "wall_seconds": result.wall_time_s,
                       "trainable_params": result.trainable_params}
-        shutil.rmtree(ckpt, ignore_errors=True)  # done: the model file is the result
+        checkpoints.append(ckpt)
     for k in p.sweep.nfes:
         model, result = trained[0 if method == "reflow_uniform" else k]
         folder = student_dir(ctx.ws, method, k)
         save_model(folder / "model.safetensors", model, meta["model_config"],
                    meta["data_shape"], {"method": method, "nfe": k})
         write_json(folder / "schedule.json", schedules[k].to_dict())
-        np.savetxt(folder / "losses.csv", result.losses, delimiter=",", header="step,loss",
-                   comments="")
+        with atomic_path(folder / "losses.csv") as tmp:
+            np.savetxt(tmp, result.losses, delimiter=",", header="step,loss", comments="")
         ctx.log_artifact(folder, f"models/{method}/nfe_{k}")
         if p.run.register_models:
             register_model(ctx.client, ctx.run_id, f"{p.run.experiment}-{method}-nfe{k}",
@@ -95,6 +106,8 @@ def run_method(ctx: StepContext, method: str) -> dict:
                            {"method": method, "nfe": str(k),
                             "schedule": schedules[k].to_json()})
     write_json(out / "costs.json", costs)
+    for ckpt in checkpoints:  # done: the model files are the result
+        shutil.rmtree(ckpt, ignore_errors=True)
     return {"method": method, "models": len(p.sweep.nfes),
             "train_seconds": sum(c["wall_seconds"] for c in costs.values())}
 

@@ -5,13 +5,18 @@
 With ``model.weights`` set, the named state_dict is loaded into the network ``model`` builds
 (your own architecture by import path, with its adapter) and nothing is trained. Otherwise the
 teacher trains from scratch, checkpointing every ``teacher.log_every`` steps to
-checkpoints/teacher/<params hash>/ and resuming from there after a crash.
+checkpoints/teacher/<params hash>/teacher.pt (atomically) and resuming from there after a crash:
+the resumed weights are bit-identical on the CPU to an uninterrupted run's (tests/test_faults.py
+kills it at the fault point ``teacher.checkpoint``, see tasks/faults.py).
 Writes outputs/teacher/model.safetensors (EMA weights + config) and losses.csv.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import sys
+import time
 
 import numpy as np
 import torch
@@ -20,9 +25,11 @@ from boss_core.models import build_model, count_parameters
 from boss_core.teacher import train_teacher
 
 from .artifacts import load_prepared, teacher_file
+from .faults import fault_point
 from .io import atomic_path, save_model, write_json
 from .step import StepContext, main, prefect_task
 
+log = logging.getLogger("boss")
 NAME, SECTIONS = "teacher", ("data", "model", "teacher")
 CHECKPOINT = "teacher.pt"
 
@@ -49,28 +56,35 @@ def run(ctx: StepContext) -> dict:
     ckpt = ckpt_dir / CHECKPOINT
     start = torch.load(ckpt, weights_only=True) if ckpt.is_file() else None
     if start is not None:
+        log.info("teacher: resuming from step %d of %s", start["step"], ckpt)
         ctx.set_tags({"resumed_from_step": start["step"]})
+
+    earlier_s = float(start.get("wall_seconds", 0.0)) if start is not None else 0.0
+    started = time.perf_counter()
 
     def on_progress(progress):
         ctx.log_metrics({"loss": progress.loss}, step=progress.step)
+        state = {**progress.snapshot(),  # + training seconds so far, across resumes
+                 "wall_seconds": earlier_s + time.perf_counter() - started}
         with atomic_path(ckpt) as tmp:
-            torch.save(progress.snapshot(), tmp)
+            torch.save(state, tmp)
+        fault_point("teacher.checkpoint")
 
     model = build_model(p.model, data.data_shape, seed=p.teacher.seed)
     result = train_teacher(model, data.x, p.teacher, labels=data.y, callback=on_progress,
                            start_state=start)
     save_model(teacher_file(ctx.ws), result.ema_model, config, data.data_shape)
-    np.savetxt(out / "losses.csv", result.losses, delimiter=",", header="step,loss",
-               comments="")
+    with atomic_path(out / "losses.csv") as tmp:
+        np.savetxt(tmp, result.losses, delimiter=",", header="step,loss", comments="")
     from .plots import loss_curves
 
     loss_curves({"teacher": result.losses}, out / "loss.png", title="teacher training loss")
     ctx.log_artifact(out / "loss.png", "figures")
     summary = {"iterations": result.step, "final_loss": float(result.losses[-50:, 1].mean()),
                "parameters": count_parameters(result.ema_model),
-               "train_seconds": result.wall_time_s}
+               "train_seconds": earlier_s + result.wall_time_s}
     write_json(out / "summary.json", summary)
-    ckpt.unlink(missing_ok=True)  # finished: the model file is the result
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the model file is the result
     return summary
 
 

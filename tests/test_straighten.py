@@ -127,6 +127,32 @@ def test_resume_after_interruption_is_bit_identical(setup, tmp_path):
     assert list(tmp_path.joinpath("b").iterdir()) == [tmp_path / "b" / CHECKPOINT_NAME]
 
 
+def test_on_checkpoint_follows_each_durable_save_and_resume_reports_its_start(setup, tmp_path):
+    """on_checkpoint(step) runs once the checkpoint of that step is on disk; a resumed run
+    reports where it started and carries the earlier wall time."""
+    teacher, _, train, _ = setup
+    cfg = config(iterations=50, checkpoint_every=20, eval_every=10)
+    seen = []
+
+    def stop_after_first(step):
+        seen.append(step)
+        state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+        assert state["step"] == step and state["wall_seconds"] > 0
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        straighten(trainable_copy(teacher), train, cfg, checkpoint_dir=tmp_path,
+                   on_checkpoint=stop_after_first)
+    assert seen == [20]
+    earlier = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["wall_seconds"]
+    resumed = straighten(trainable_copy(teacher), train, cfg, checkpoint_dir=tmp_path,
+                         on_checkpoint=seen.append)
+    assert seen == [20, 40, 50]
+    assert resumed.resumed_from == 20 and resumed.wall_time_s > earlier
+    fresh = straighten(trainable_copy(teacher), train, config(iterations=5))
+    assert fresh.resumed_from == 0
+
+
 def test_bad_checkpoint_and_config_errors(setup, tmp_path):
     teacher, _, train, _ = setup
     straighten(trainable_copy(teacher), train, config(iterations=5), checkpoint_dir=tmp_path)
