@@ -173,14 +173,16 @@ def wait_for_deployment(api_url: str, full_name: str, proc: subprocess.Popen | N
 
 def start_serve(api_url: str, name: str = "boss-default", params_file: str = "params.yaml",
                 cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-                log_file: str | os.PathLike | None = None) -> subprocess.Popen:
-    """``python -m flows.serve`` against ``api_url``, in its own process group."""
+                log_file: str | os.PathLike | None = None, limit: int = 1) -> subprocess.Popen:
+    """``python -m flows.serve`` against ``api_url``, in its own process group; ``limit``
+    flow runs at a time."""
     child_env = {**os.environ, **QUIET_ENV, "PREFECT_API_URL": api_url,
                  "PREFECT_RUNNER_POLL_FREQUENCY": "1", **(env or {})}
     out = open(log_file, "ab") if log_file else None
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.serve", "--name", name, "--params-file", params_file],
+            [sys.executable, "-m", "flows.serve", "--name", name, "--params-file", params_file,
+             "--limit", str(limit)],
             cwd=cwd, env=child_env, stdout=out, stderr=subprocess.STDOUT if out else None,
             stdin=subprocess.DEVNULL, start_new_session=True)
     finally:

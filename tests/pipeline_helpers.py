@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +54,35 @@ def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml") -> P
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         run(cmd, dest)
     return dest
+
+
+@contextmanager
+def mlflow_server(folder: Path):
+    """``mlflow server`` on 127.0.0.1 (a free port) with its store in ``folder``; yields its
+    URI and stops it by PID."""
+    import httpx
+
+    from flows.local_server import free_port, stop_process
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--default-artifact-root", str(folder / "artifacts")],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+        yield uri
+    finally:
+        stop_process(server)
+    assert server.poll() is not None

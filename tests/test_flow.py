@@ -249,3 +249,63 @@ def _alive(proc) -> bool:
     except psutil.Error:
         return False
 
+
+
+@pytest.mark.slow
+def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path):
+    """4 runs triggered at once on a deployment served with limit 2, logging to one MLflow
+    tracking server: every run ends COMPLETED (nothing hangs), in its own folder, with its own
+    parent run holding its own steps and override."""
+    import mlflow
+    from pipeline_helpers import mlflow_server
+
+    copy = tmp_path / "repo"
+    _copy_worktree(copy)
+    env = {**os.environ, **QUIET}
+    env.pop("PREFECT_API_URL", None)
+    subprocess.run([sys.executable, "-m", "tasks.profile", "tests/profiles/tiny.yaml",
+                    "--write", "params.yaml"], cwd=copy, env=env, check=True)
+    name, serve = "burst", None
+    with mlflow_server(tmp_path) as uri, \
+            prefect_server(home=tmp_path / "prefect", log_file=tmp_path / "server.log") as api:
+        extra = {**QUIET, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": uri,
+                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        try:
+            serve = start_serve(api, name, "params.yaml", cwd=copy, env=extra,
+                                log_file=tmp_path / "serve.log", limit=2)
+            deployment = wait_for_deployment(api, f"{FLOW_NAME}/{name}", serve, timeout=90)
+            ids = {}
+            for n in (21, 22, 23, 24):
+                reply = httpx.post(
+                    f"{api}/deployments/{deployment}/create_flow_run", timeout=10,
+                    json={"parameters": {"overrides": {"straighten.iterations": n,
+                                                       "teacher.iterations": 100}}})
+                reply.raise_for_status()
+                ids[n] = reply.json()["id"]
+            done = {n: _wait_terminal(api, run_id, timeout=600) for n, run_id in ids.items()}
+        finally:
+            if serve is not None:
+                stop_process(serve)
+        logs = (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+        assert {r["state"]["type"] for r in done.values()} == {"COMPLETED"}, logs
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("boss-tiny")
+        folders = set()
+        for n, flow_run in done.items():
+            run_dir = copy / "runs" / flow_run["name"]
+            folders.add(run_dir)
+            params = yaml.safe_load((run_dir / "params.yaml").read_text())
+            assert params["straighten"]["iterations"] == n
+            costs = json.loads((run_dir / "outputs/students/boss/costs.json").read_text())
+            assert {c["iterations"] for c in costs.values()} == {n}
+            parents = client.search_runs([experiment.experiment_id],
+                                         f"tags.`prefect.flow_run_id` = '{flow_run['id']}'")
+            assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+            steps = client.search_runs(
+                [experiment.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+            assert len(steps) == 12
+            boss = [s for s in steps if s.info.run_name == "straighten_boss"][0]
+            assert boss.data.params["straighten.iterations"] == str(n)
+        assert len(folders) == 4
+    assert serve.poll() is not None

@@ -140,66 +140,43 @@ def test_exp_run_metrics_diff_and_plots(repo):
 def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
     """`dvc exp run --queue` twice, `dvc queue start -j 2`: both run at once against one
     MLflow tracking server (not a shared SQLite file), and neither's runs mix with the other's."""
-    import subprocess
     import time
 
     import mlflow
-    from pipeline_helpers import BIN, env
-
-    from flows.local_server import free_port, stop_process
+    from pipeline_helpers import mlflow_server
 
     run(["git", "add", "-A"], repo)  # queued experiments start from a commit
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "queue base"],
         repo, check=False)
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts")],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+    with mlflow_server(tmp_path) as uri:
+        try:
+            for n in (11, 12):
+                run([str(_dvc()), "exp", "run", "--queue", "-S", f"straighten.iterations={n}",
+                     "-n", f"q{n}"], repo, MLFLOW_TRACKING_URI=uri)
+            run([str(_dvc()), "queue", "start", "-j", "2"], repo, MLFLOW_TRACKING_URI=uri)
+            deadline = time.time() + 900
+            while True:
+                status = run([str(_dvc()), "queue", "status"], repo).stdout
+                if "Queued" not in status and "Running" not in status:
                     break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
-        for n in (11, 12):
-            run([str(_dvc()), "exp", "run", "--queue", "-S", f"straighten.iterations={n}",
-                 "-n", f"q{n}"], repo, MLFLOW_TRACKING_URI=uri)
-        run([str(_dvc()), "queue", "start", "-j", "2"], repo, MLFLOW_TRACKING_URI=uri)
-        deadline = time.time() + 900
-        while True:
-            status = run([str(_dvc()), "queue", "status"], repo).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            assert time.time() < deadline, status
-            time.sleep(5)
-        assert status.count("Success") >= 2, status
-        client = mlflow.MlflowClient(uri)
-        experiment = client.get_experiment_by_name("boss-tiny")
-        parents = client.search_runs([experiment.experiment_id],
-                                     filter_string="tags.`boss.kind` = 'pipeline'")
-        by_n = {p.data.params["straighten.iterations"]: p for p in parents}
-        assert sorted(by_n) == ["11", "12"]
-        for n, parent in by_n.items():
-            assert parent.info.status == "FINISHED"
-            children = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-            names = {c.info.run_name for c in children}
-            assert {"straighten_boss", "evaluate", "report"} <= names, names
-            for child in children:  # every step logged under its own experiment's parent
-                assert child.data.params.get("straighten.iterations", n) == n
-                assert child.info.status == "FINISHED"
-    finally:
-        run([str(_dvc()), "queue", "stop", "--kill"], repo, check=False)
-        stop_process(server)
-    assert server.poll() is not None
+                assert time.time() < deadline, status
+                time.sleep(5)
+            assert status.count("Success") >= 2, status
+            client = mlflow.MlflowClient(uri)
+            experiment = client.get_experiment_by_name("boss-tiny")
+            parents = client.search_runs([experiment.experiment_id],
+                                         filter_string="tags.`boss.kind` = 'pipeline'")
+            by_n = {p.data.params["straighten.iterations"]: p for p in parents}
+            assert sorted(by_n) == ["11", "12"]
+            for n, parent in by_n.items():
+                assert parent.info.status == "FINISHED"
+                children = client.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                names = {c.info.run_name for c in children}
+                assert {"straighten_boss", "evaluate", "report"} <= names, names
+                for child in children:  # every step logged under its own experiment's parent
+                    assert child.data.params.get("straighten.iterations", n) == n
+                    assert child.info.status == "FINISHED"
+        finally:
+            run([str(_dvc()), "queue", "stop", "--kill"], repo, check=False)
