@@ -26,6 +26,7 @@ from typing import Any
 from .workspace import repo_root
 
 PARENT_ENV = "BOSS_PARENT_RUN_ID"
+OWNER_TAG = "boss.owner"  # host:pid:start time of the process a step run belongs to
 INVOCATION_TAG = "boss.invocation"
 log = logging.getLogger("boss")
 
@@ -110,6 +111,51 @@ def _dvc_invocation() -> str | None:
     return None
 
 
+def process_owner(pid: int | None = None) -> str:
+    """``host:pid:start time`` of a process (default: this one)."""
+    import socket
+
+    import psutil
+
+    proc = psutil.Process(pid)
+    return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+
+
+def _owner_alive(owner: str) -> bool:
+    import socket
+
+    import psutil
+
+    host, _, rest = owner.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: not ours to judge
+    try:
+        return int(psutil.Process(int(pid)).create_time()) == int(started or -1)
+    except (psutil.Error, ValueError):
+        return False
+
+
+def mark_dead_runs_killed(client, experiment_id: str) -> list[str]:
+    """Step runs left RUNNING by a process that no longer exists (a SIGKILL, a power cut)
+    are marked KILLED, and so are their parents, so nothing stays RUNNING forever."""
+    try:
+        stale = [r for r in client.search_runs(
+            [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200)
+            if OWNER_TAG in r.data.tags and not _owner_alive(r.data.tags[OWNER_TAG])]
+        for run in stale:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            parent = run.data.tags.get("mlflow.parentRunId")
+            if parent and client.get_run(parent).info.status == "RUNNING":
+                client.set_terminated(parent, status="KILLED")
+        if stale:
+            log.warning("marked %d step run(s) of dead processes KILLED", len(stale))
+        return [r.info.run_id for r in stale]
+    except Exception as err:  # bookkeeping only: never stop a step for it
+        log.warning("could not check for runs of dead processes: %s", err)
+        return []
+
+
 def start_parent(experiment_id: str, repo: Path, name: str, params: Mapping[str, Any],
                  tags: Mapping[str, str] | None = None) -> str:
     """Create a parent run (left RUNNING) with the flattened params; returns its id."""
@@ -175,10 +221,11 @@ def step_run(step: str, repo: Path, experiment: str, params: Mapping[str, Any],
 
     experiment_id = setup(repo, experiment)
     client = mlflow.MlflowClient()
+    mark_dead_runs_killed(client, experiment_id)
     parent = find_parent(experiment_id, repo, all_params)
     if client.get_run(parent).info.status != "RUNNING":
         client.update_run(parent, status="RUNNING")
-    tags = {"mlflow.parentRunId": parent, "boss.step": step}
+    tags = {"mlflow.parentRunId": parent, "boss.step": step, OWNER_TAG: process_owner()}
     commit = git_commit(repo)
     if commit:
         tags["mlflow.source.git.commit"] = commit

@@ -59,3 +59,29 @@ def test_an_unreachable_prefect_api_is_reported(monkeypatch):
         tracking.check_prefect_api()
     monkeypatch.delenv("PREFECT_API_URL")
     tracking.check_prefect_api()  # unset: nothing to check
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(store, monkeypatch):
+    import subprocess
+    import sys
+
+    experiment = tracking.setup(store, "t")
+    parent = tracking.start_parent(experiment, store, "p", {})
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    client = mlflow.MlflowClient()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        owner = tracking.process_owner(child.pid)
+        dead = client.create_run(experiment, run_name="killed step", tags={
+            "mlflow.parentRunId": parent, tracking.OWNER_TAG: owner}).info.run_id
+        alive = client.create_run(experiment, run_name="live step", tags={
+            "mlflow.parentRunId": parent,
+            tracking.OWNER_TAG: tracking.process_owner()}).info.run_id
+        assert tracking.mark_dead_runs_killed(client, experiment) == []  # child still alive
+    finally:
+        child.kill()
+        child.wait()
+    assert tracking.mark_dead_runs_killed(client, experiment) == [dead]
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"
