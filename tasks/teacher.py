@@ -34,6 +34,32 @@ NAME, SECTIONS = "teacher", ("data", "model", "teacher")
 CHECKPOINT = "teacher.pt"
 
 
+def load_checkpoint(path, model) -> dict:
+    """A teacher checkpoint for ``model``, read with ``weights_only=True`` (no code runs).
+
+    Raises:
+        ValueError naming the file: truncated or corrupt, not a teacher checkpoint, or saved
+            for another architecture (delete it to train from the start).
+    """
+    hint = f"teacher checkpoint {path}"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # zip, pickle and weights_only refusals all mean a bad file
+        raise ValueError(f"{hint} is corrupt or not a checkpoint ({err.__class__.__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); delete it to start over") from err
+    needed = {"step", "model", "ema", "optimizer", "losses"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise ValueError(f"{hint} is not a teacher checkpoint (needs keys {sorted(needed)})")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if found != expected:
+        diff = sorted(set(found) ^ set(expected)) or sorted(
+            k for k in expected if found[k] != expected[k])
+        raise ValueError(f"{hint} was saved for another architecture (differs at "
+                         f"{diff[:3]}); delete it to start over")
+    return state
+
+
 def run(ctx: StepContext) -> dict:
     p = ctx.params
     data = load_prepared(ctx.ws)
@@ -54,7 +80,8 @@ def run(ctx: StepContext) -> dict:
 
     ckpt_dir = ctx.ws.checkpoints(NAME) / ctx.params.digest(SECTIONS)
     ckpt = ckpt_dir / CHECKPOINT
-    start = torch.load(ckpt, weights_only=True) if ckpt.is_file() else None
+    model = build_model(p.model, data.data_shape, seed=p.teacher.seed)
+    start = load_checkpoint(ckpt, model) if ckpt.is_file() else None
     if start is not None:
         log.info("teacher: resuming from step %d of %s", start["step"], ckpt)
         ctx.set_tags({"resumed_from_step": start["step"]})
@@ -70,7 +97,6 @@ def run(ctx: StepContext) -> dict:
             torch.save(state, tmp)
         fault_point("teacher.checkpoint")
 
-    model = build_model(p.model, data.data_shape, seed=p.teacher.seed)
     result = train_teacher(model, data.x, p.teacher, labels=data.y, callback=on_progress,
                            start_state=start)
     save_model(teacher_file(ctx.ws), result.ema_model, config, data.data_shape)
