@@ -175,3 +175,15 @@ def test_bad_checkpoint_and_config_errors(setup, tmp_path):
             add_lora(teacher, rank=rank)
     with pytest.raises(ValueError, match="exceeds"):
         add_lora(teacher, rank=10_000)
+
+
+def test_a_non_finite_loss_stops_with_the_step_named(setup, tmp_path):
+    from boss_core.pairs import ChordPairs
+
+    teacher, _, train, _ = setup
+    poisoned = ChordPairs(train.x, train.t, torch.full_like(train.target, float("nan")),
+                          train.sample)
+    with pytest.raises(FloatingPointError, match=r"straightening loss is nan at step 0"):
+        straighten(trainable_copy(teacher), poisoned, config(iterations=5),
+                   checkpoint_dir=tmp_path)
+    assert not (tmp_path / "straighten.pt").exists()
