@@ -120,10 +120,26 @@ def _flow_runs(api: str, deployment: str) -> list[dict]:
     return reply.json()
 
 
+def _post_retrying(url: str, body: dict, attempts: int = 20) -> httpx.Response:
+    """POST, retrying what a busy server answers with 503 (its SQLite store under load on
+    2 cores); any other error fails at once."""
+    for attempt in range(attempts):
+        reply = httpx.post(url, json=body, timeout=30)
+        if reply.status_code != 503 or attempt == attempts - 1:
+            reply.raise_for_status()
+            return reply
+        time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
 def _wait_terminal(api: str, run_id: str, timeout: float) -> dict:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        reply = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30)
+        if reply.status_code == 503:  # busy server: ask again
+            time.sleep(2)
+            continue
+        run = reply.json()
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(1)
@@ -276,11 +292,10 @@ def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path):
             deployment = wait_for_deployment(api, f"{FLOW_NAME}/{name}", serve, timeout=90)
             ids = {}
             for n in (21, 22, 23, 24):
-                reply = httpx.post(
-                    f"{api}/deployments/{deployment}/create_flow_run", timeout=10,
-                    json={"parameters": {"overrides": {"straighten.iterations": n,
-                                                       "teacher.iterations": 100}}})
-                reply.raise_for_status()
+                reply = _post_retrying(
+                    f"{api}/deployments/{deployment}/create_flow_run",
+                    {"parameters": {"overrides": {"straighten.iterations": n,
+                                                  "teacher.iterations": 100}}})
                 ids[n] = reply.json()["id"]
             done = {n: _wait_terminal(api, run_id, timeout=600) for n, run_id in ids.items()}
         finally:
