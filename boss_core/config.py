@@ -81,3 +81,63 @@ class RunConfig(ConfigMixin):
         check_device_name(self.device)
         check_bool("progress", self.progress)
         check_bool("register_models", self.register_models)
+
+
+RUNNERS = ("local", "dask")
+
+
+@dataclass(frozen=True)
+class ScaleConfig(ConfigMixin):
+    """The ``scale`` section of params.yaml: where sharded work and fine-tuning run.
+
+    Only placement, never the math: every setting here leaves the results equal (see
+    tests/test_dask.py and tests/test_ddp.py for the tolerances).
+
+    Sharded work (teacher trajectories + cost, training pairs, evaluation sampling) is split
+    into seed ranges of ``shard_samples`` samples (0: one shard per ``dask_workers``, rounded up
+    to a multiple of ``sweep.batch_size``, or one shard with runner "local").
+    runner: "local" runs the shards one after the other in the step's process; "dask" maps them
+    as Prefect tasks on prefect-dask's ``DaskTaskRunner``: a ``LocalCluster`` of ``dask_workers``
+    processes, or the existing scheduler at ``dask_address`` ("tcp://host:8786"; the
+    ``BOSS_DASK_ADDRESS`` environment variable wins over params).
+
+    Fine-tuning (straighten, reflow, distill) runs under ``torchrun`` when ``nnodes *
+    nproc_per_node > 1``: DistributedDataParallel (gloo on the CPU, NCCL on GPUs) with the
+    global batch ``straighten.batch_size`` split across ranks. ``rdzv_endpoint`` ("host:port")
+    is the c10d rendezvous of a multi-node job ("" on one node: a free local port); every node
+    runs the same command with the same ``rdzv_id``.
+    """
+
+    runner: str = "local"
+    dask_address: str = ""
+    dask_workers: int = 2
+    shard_samples: int = 0
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "boss"
+
+    def __post_init__(self):
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        for name in ("dask_address", "rdzv_endpoint", "rdzv_id"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.dask_address and "://" not in self.dask_address:
+            raise ValueError(f"dask_address must look like tcp://host:port, got "
+                             f"{self.dask_address!r}")
+        if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
+            raise ValueError(f"rdzv_endpoint must look like host:port, got "
+                             f"{self.rdzv_endpoint!r}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint is needed when nnodes > 1 (host:port of the "
+                             "rendezvous every node reaches)")
+        if not self.rdzv_id.strip():
+            raise ValueError("rdzv_id must be a non-empty name")
+        for name, low in (("dask_workers", 1), ("shard_samples", 0), ("nproc_per_node", 1),
+                          ("nnodes", 1)):
+            check_int(name, getattr(self, name), low)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node

@@ -10,6 +10,7 @@ Sections and their configs::
     fidelity   FidelityConfig     FID / KID settings
     sweep      SweepConfig        methods, NFEs, fine grid, search / pair / evaluation sizes
     straighten StraightenConfig   fine-tuning (BOSS, LoRA, reflow, distill)
+    scale      ScaleConfig        where shards and fine-tuning run (Dask, torchrun)
 
 ``run.device`` and ``run.progress`` fill the sections that have those keys and leave them out;
 ``sweep.n_seeds`` fills ``fidelity.n_seeds``. Errors name the key as ``section.key``.
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from boss_core.config import RunConfig
+from boss_core.config import RunConfig, ScaleConfig
 from boss_core.data import DataConfig
 from boss_core.features import FeatureNetConfig
 from boss_core.fidelity import FidelityConfig
@@ -47,6 +48,7 @@ SECTIONS: dict[str, type] = {
     "fidelity": FidelityConfig,
     "sweep": SweepConfig,
     "straighten": StraightenConfig,
+    "scale": ScaleConfig,
 }
 _FILLED_FROM_RUN = ("device", "progress")
 
@@ -65,6 +67,7 @@ class Params:
     fidelity: FidelityConfig
     sweep: SweepConfig
     straighten: StraightenConfig
+    scale: ScaleConfig
     raw: Mapping[str, Any]  # the merged YAML mapping, before filling (what DVC tracks)
 
     def flat(self, sections: Iterable[str] | None = None) -> dict[str, Any]:
