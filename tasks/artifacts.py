@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from boss_core.data import TensorData
@@ -97,10 +96,3 @@ def schedules_to_dict(table: dict[str, dict[int, Schedule]]) -> dict:
 
 def is_image_data(shape) -> bool:
     return len(tuple(shape)) == 3
-
-
-@torch.no_grad()
-def eval_mode(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()

@@ -42,13 +42,11 @@ def run(ctx: StepContext) -> dict:
     cost = CostMatrix(tensors["sum"].numpy(), int(meta["n_samples"]))
     searched = {k: list(sch.indices) for k, sch in schedules["bellman"].items()}
     plots.cost_heatmap(cost.values, searched, cost.times, figures / "cost_matrix.png")
-    shown = {m: {k: list(sch.times) for k, sch in by_k.items()} for m, by_k in schedules.items()
-             if m in ("bellman", "bellman_global", "uniform", "edm", "shift")}
-    plots.step_sizes({k: list(sch.times) for k, sch in schedules["bellman"].items()},
-                     figures / "step_sizes.png")
-    steps = plots.step_sizes_table(shown)
+    bellman_times = {k: list(sch.times) for k, sch in schedules["bellman"].items()}
+    plots.step_sizes(bellman_times, figures / "step_sizes.png")
+    steps = plots.step_sizes_table({"bellman": bellman_times})
     for k in s.nfes:
-        plots.write_csv_atomic([r for r in steps if r["method"] == "bellman" and r["nfe"] == k],
+        plots.write_csv_atomic([r for r in steps if r["nfe"] == k],
                                tables / "steps" / f"bellman_nfe_{k}.csv")
     samples, _ = load_tensors(ws.step("evaluate") / "samples.safetensors")
     for name, grid in samples.items():

@@ -244,20 +244,20 @@ def step_run(step: str, repo: Path, experiment: str, params: Mapping[str, Any],
 
 
 def retry(fn, attempts: int = 3, delay: float = 2.0, what: str = "MLflow call"):
-    """Call ``fn()``; on an I/O-like error wait and try again (registry and artifact writes)."""
+    """Call ``fn()``; on an I/O error (OSError, which covers ConnectionError and TimeoutError)
+    wait and try again, ``delay`` doubling each time, at most ``attempts`` calls in all.
+
+    Anything else (an MlflowException included: MLflow's client already retries its HTTP
+    calls) is raised at once.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except (OSError, ConnectionError, TimeoutError) as err:
+        except OSError as err:
             if attempt == attempts:
                 raise
             log.warning("%s failed (%s); retry %d/%d", what, err, attempt, attempts - 1)
-            time.sleep(delay)
-        except Exception as err:  # MlflowException wraps transport errors
-            if "RESOURCE_DOES_NOT_EXIST" in str(err) or attempt == attempts:
-                raise
-            log.warning("%s failed (%s); retry %d/%d", what, err, attempt, attempts - 1)
-            time.sleep(delay)
+            time.sleep(delay * 2 ** (attempt - 1))
 
 
 def register_model(client, run_id: str, name: str, artifact_path: str,

@@ -37,18 +37,22 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600, check: bool = True,
     return done
 
 
-def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml") -> Path:
-    """The tracked and untracked-not-ignored files, committed in a fresh git repo, with the
-    profile merged into params.yaml and the embedded data written."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
+def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml",
+              embed_and_commit: bool = True) -> Path:
+    """The tracked and untracked-not-ignored files (the working tree as it is), with the
+    profile merged into params.yaml; then, unless ``embed_and_commit`` is False, the embedded
+    data written and everything committed in a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
         src = ROOT / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     if profile:
         run([sys.executable, "-m", "tasks.profile", profile, "--write", "params.yaml"], dest)
+    if not embed_and_commit:
+        return dest
     run([sys.executable, "-m", "tasks.embed"], dest)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):

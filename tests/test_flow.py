@@ -7,13 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from pipeline_helpers import copy_repo, mlflow_server
 
 from flows.local_server import (
     prefect_executable,
@@ -101,15 +101,13 @@ def test_parent_run_finished_or_failed_and_env_restored(params_copy, monkeypatch
 # --- the served deployment, end to end ------------------------------------------------------
 
 
-def _copy_worktree(dest: Path) -> None:
-    """The repo's tracked and untracked-but-not-ignored files (the working tree as it is)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True).stdout.decode()
-    for rel in filter(None, listed.split("\0")):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+def _tiny_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The working tree copied to ``tmp_path/repo`` on the tiny profile (no git repo, no data:
+    the flow writes the embedded digits itself), and the environment for commands there."""
+    copy = copy_repo(tmp_path / "repo", embed_and_commit=False)
+    env = {**os.environ, **QUIET}
+    env.pop("PREFECT_API_URL", None)
+    return copy, env
 
 
 def _flow_runs(api: str, deployment: str) -> list[dict]:
@@ -151,12 +149,7 @@ def test_served_deployment_runs_tiny_pipeline_in_its_own_folder(tmp_path):
     import mlflow
     import psutil
 
-    copy = tmp_path / "repo"
-    _copy_worktree(copy)
-    env = {**os.environ, **QUIET}
-    env.pop("PREFECT_API_URL", None)
-    subprocess.run([sys.executable, "-m", "tasks.profile", "tests/profiles/tiny.yaml",
-                    "--write", "params.yaml"], cwd=copy, env=env, check=True)
+    copy, env = _tiny_copy(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     extra = {**QUIET, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": store}
     name = "boss-test"
@@ -273,14 +266,8 @@ def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path):
     tracking server: every run ends COMPLETED (nothing hangs), in its own folder, with its own
     parent run holding its own steps and override."""
     import mlflow
-    from pipeline_helpers import mlflow_server
 
-    copy = tmp_path / "repo"
-    _copy_worktree(copy)
-    env = {**os.environ, **QUIET}
-    env.pop("PREFECT_API_URL", None)
-    subprocess.run([sys.executable, "-m", "tasks.profile", "tests/profiles/tiny.yaml",
-                    "--write", "params.yaml"], cwd=copy, env=env, check=True)
+    copy, _ = _tiny_copy(tmp_path)
     name, serve = "burst", None
     with mlflow_server(tmp_path) as uri, \
             prefect_server(home=tmp_path / "prefect", log_file=tmp_path / "server.log") as api:

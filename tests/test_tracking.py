@@ -85,3 +85,43 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store, monkeypatc
     assert client.get_run(dead).info.status == "KILLED"
     assert client.get_run(parent).info.status == "KILLED"
     assert client.get_run(alive).info.status == "RUNNING"
+
+
+def test_retry_retries_io_errors_with_backoff_then_gives_up(monkeypatch):
+    slept = []
+    monkeypatch.setattr(tracking.time, "sleep", slept.append)
+    calls = iter([ConnectionError("reset"), TimeoutError("slow"), "ok"])
+
+    def flaky():
+        outcome = next(calls)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert tracking.retry(flaky, attempts=3, delay=1.0) == "ok"
+    assert slept == [1.0, 2.0]
+    slept.clear()
+    failures = []
+
+    def broken():
+        failures.append(1)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        tracking.retry(broken, attempts=3, delay=0.5)
+    assert len(failures) == 3 and slept == [0.5, 1.0]
+
+
+def test_retry_raises_other_errors_at_once(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda _: pytest.fail("must not wait"))
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")
+
+    with pytest.raises(MlflowException):
+        tracking.retry(refused)
+    assert calls == [1]
