@@ -32,7 +32,6 @@ from .lora import add_lora, check_lora_rank
 from .metrics import aggregate, endpoint_rmse
 from .pairs import holdout_mask, teacher_pairs, uniform_on_grid
 from .presets import PRESETS, uniform_schedule
-from .sampling import euler_sample
 from .schedule import Schedule
 from .seeds import sample_noise
 from .straighten import StraightenConfig, straighten, trainable_copy
@@ -210,14 +209,24 @@ def sampling_plan(teacher: nn.Module, searched: Searched, students, config: Swee
     return plan
 
 
-def _sample(model, noise: Tensor, times, batch_size: int) -> Tensor:
-    return torch.cat([euler_sample(model, z, times) for z in noise.split(batch_size)])
+def eval_seeds(config: SweepConfig) -> list[int]:
+    """The evaluation's noise seeds: ``seed + 100 + s`` for s < n_seeds."""
+    return [config.seed + 100 + s for s in range(config.n_seeds)]
+
+
+def sampled_rows(plan) -> dict[tuple[str, int], tuple]:
+    """{(method, K): (velocity, times)} of a plan, less the teacher row (it is the reference)."""
+    return {(m, k): row for m, table in plan.items() if m != "teacher"
+            for k, row in table.items()}
 
 
 def evaluate(plan, teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
-             device=None, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+             device=None, progress: bool = True, samples=None) -> dict[str, dict[str, dict]]:
     """Score every (method, K) over ``config.n_seeds`` noise seeds.
 
+    Args:
+        samples: the merged output of ``boss_core.shards.sample_shard`` over samples
+            0 .. eval_samples-1 (sharded runs); None samples here in one piece.
     Returns:
         {method: {"nfe_K": {<score keys>, <key>_std, endpoint_rmse, n_samples, n_seeds}}}.
         endpoint_rmse pools every seed's samples against the N-step teacher from the same
@@ -225,18 +234,21 @@ def evaluate(plan, teacher: nn.Module, data_shape, score: Score, config: SweepCo
     """
     from tqdm.auto import tqdm
 
-    seeds = [config.seed + 100 + s for s in range(config.n_seeds)]
-    noises = [sample_noise(tuple(data_shape), s, 0, config.eval_samples, device=device)
-              for s in seeds]
-    reference = [_sample(teacher, z, uniform_grid(config.n_steps), config.batch_size)
-                 for z in noises]
-    rows = [(m, k, v, t) for m, table in plan.items() for k, (v, t) in table.items()]
+    from .shards import sample_shard
+
+    if samples is None:
+        samples = sample_shard(sampled_rows(plan), teacher, data_shape, eval_seeds(config),
+                               config.n_steps, 0, config.eval_samples, config.batch_size,
+                               device=device, progress=progress)
+    seeds = range(config.n_seeds)
+    reference = [samples[("reference", config.n_steps, s)] for s in seeds]
+    rows = [(m, k) for m, table in plan.items() for k in table]
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for method, k, velocity, times in tqdm(rows, desc="evaluate", disable=not progress):
-        samples = (reference if method == "teacher" else
-                   [_sample(velocity, z, times, config.batch_size) for z in noises])
-        row = aggregate([score(s) for s in samples])
-        row["endpoint_rmse"] = endpoint_rmse(torch.cat(samples), torch.cat(reference))
+    for method, k in tqdm(rows, desc="score", disable=not progress):
+        drawn = (reference if method == "teacher" else
+                 [samples[(method, k, s)] for s in seeds])
+        row = aggregate([score(x) for x in drawn])
+        row["endpoint_rmse"] = endpoint_rmse(torch.cat(drawn), torch.cat(reference))
         row["n_samples"] = config.eval_samples
         bad = [key for key, value in row.items() if not math.isfinite(value)]
         if bad:

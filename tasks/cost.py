@@ -4,7 +4,9 @@
 
 Runs ``sweep.search_samples`` N-step uniform Euler teacher paths (N = sweep.n_steps) in batches
 of ``sweep.batch_size``, accumulating c(i, j), the mean squared error of one Euler jump from
-grid point i to j. Memory is bounded by the batch. Writes outputs/cost/cost.safetensors (the
+grid point i to j. Memory is bounded by the batch. The paths are split into seed-range shards
+mapped on the ``scale`` runner (in-process, or Dask: see tasks/shards.py); the matrix is the
+merge of the shards' float64 sums. Writes outputs/cost/cost.safetensors (the
 float64 sum and the sample count, so shards merge exactly) and summary.json.
 """
 
@@ -16,12 +18,12 @@ import time
 import numpy as np
 import torch
 
-from boss_core.cost import cost_matrix
 from boss_core.seeds import sample_noise
-from boss_core.velocity import NFECounter
+from boss_core.shards import cost_shard, merge_costs
 
 from .artifacts import load_prepared, load_teacher
 from .io import save_tensors, write_json
+from .shards import map_shards, portable, shard_plan
 from .step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "cost", ("sweep", "run")
@@ -38,25 +40,30 @@ def search_inputs(ctx: StepContext):
 
 
 def run(ctx: StepContext) -> dict:
-    s = ctx.params.sweep
-    teacher, noise = search_inputs(ctx)
-    counter, start = NFECounter(teacher), time.perf_counter()
-    with torch.no_grad():
-        cost = cost_matrix(counter, noise, s.n_steps, s.batch_size,
-                           progress=ctx.params.run.progress)
+    s, scale = ctx.params.sweep, ctx.params.scale
+    shape = tuple(load_prepared(ctx.ws).data_shape)
+    teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
+    shards = shard_plan(scale, s.search_samples, s.batch_size)
+    start = time.perf_counter()
+    job = {"velocity": portable(teacher, scale), "data_shape": shape, "seed": s.seed + 1,
+           "n_steps": s.n_steps, "batch_size": s.batch_size, "device": ctx.params.run.device}
+    parts = map_shards(NAME, cost_shard, shards, scale, job, ctx.params.run.progress)
+    cost = merge_costs(parts)
     wall = time.perf_counter() - start
     values = cost.values
     upper = values[np.triu_indices(s.n_steps + 1, 1)]
     if not np.isfinite(upper).all():
         raise FloatingPointError("cost step: the cost matrix holds NaN or Inf (the teacher's "
                                  "trajectories diverged)")
-    summary = {"n_samples": cost.n_samples, "n_steps": s.n_steps, "nfe": counter.nfe,
-               "evaluations": counter.n_evaluations, "wall_seconds": wall,
+    batches = sum(-(-n // s.batch_size) for _, n in shards)
+    summary = {"n_samples": cost.n_samples, "n_steps": s.n_steps, "nfe": batches * s.n_steps,
+               "evaluations": cost.n_samples * s.n_steps, "shards": len(shards),
+               "wall_seconds": wall,
                "one_step_cost": float(values[0, s.n_steps])}
     out = ctx.ws.step(NAME)
     save_tensors(out / "cost.safetensors", {"sum": torch.from_numpy(cost.sum)}, summary)
     write_json(out / "summary.json", summary)
-    ctx.log_metrics({"search_nfe": counter.nfe, "one_step_cost": summary["one_step_cost"]})
+    ctx.log_metrics({"search_nfe": summary["nfe"], "one_step_cost": summary["one_step_cost"]})
     return summary
 
 

@@ -4,7 +4,8 @@
 
 Images are scored with FID and KID in the feature network's space (torch-fidelity), 2-D sets
 with sliced Wasserstein distance and MMD; every row also gets the end-point RMSE against the
-N-step teacher from the same noises (so the teacher's own row is exactly 0).
+N-step teacher from the same noises (so the teacher's own row is exactly 0). The samples
+are drawn in seed-range shards on the ``scale`` runner (tasks/shards.py) and scored together.
 Writes results/metrics.json {method: {"nfe_K": {fid, fid_std, kid, kid_std, endpoint_rmse,
 n_samples, n_seeds}}}, results/costs.json (training iterations, wall seconds, trainable
 parameters and search calls per row) and 64 samples per row for the report's grids.
@@ -21,7 +22,16 @@ from boss_core.fidelity import build_extractor, fid_kid
 from boss_core.grids import uniform_grid
 from boss_core.sampling import euler_sample
 from boss_core.seeds import sample_noise
-from boss_core.sweep import TRAINED, Cost, Searched, cost_table, evaluate
+from boss_core.shards import merge_samples, sample_shard
+from boss_core.sweep import (
+    TRAINED,
+    Cost,
+    Searched,
+    cost_table,
+    eval_seeds,
+    evaluate,
+    sampled_rows,
+)
 
 from .artifacts import (
     is_image_data,
@@ -32,6 +42,7 @@ from .artifacts import (
     student_dir,
 )
 from .io import read_json, save_tensors, write_json
+from .shards import map_shards, portable, shard_plan
 from .step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "evaluate", ("sweep", "fidelity", "run")
@@ -96,6 +107,19 @@ def costs(ctx: StepContext) -> dict:
     return cost_table(s, searched, student)
 
 
+def sharded_samples(ctx: StepContext, rows, teacher, data_shape) -> dict:
+    """Every row's samples for every seed, in seed-range shards on the ``scale`` runner."""
+    s, scale = ctx.params.sweep, ctx.params.scale
+    shards = shard_plan(scale, s.eval_samples, s.batch_size)
+    job = {"rows": {key: (portable(v, scale), t) for key, (v, t) in sampled_rows(rows).items()},
+           "teacher": portable(teacher, scale), "data_shape": tuple(data_shape),
+           "seeds": eval_seeds(s), "n_steps": s.n_steps, "batch_size": s.batch_size,
+           "device": ctx.params.run.device,
+           "progress": ctx.params.run.progress and len(shards) == 1}
+    parts = map_shards(NAME, sample_shard, shards, scale, job, ctx.params.run.progress)
+    return merge_samples(parts)
+
+
 @torch.no_grad()
 def run(ctx: StepContext) -> dict:
     s = ctx.params.sweep
@@ -104,8 +128,8 @@ def run(ctx: StepContext) -> dict:
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
     rows = plan(ctx, teacher)
-    metrics = evaluate(rows, teacher, data.data_shape, score, s, device=device,
-                       progress=ctx.params.run.progress)
+    metrics = evaluate(rows, teacher, data.data_shape, score, s,
+                       samples=sharded_samples(ctx, rows, teacher, data.data_shape))
     write_json(ctx.ws.results / "metrics.json", metrics)
     write_json(ctx.ws.results / "costs.json", costs(ctx))
     noise = sample_noise(tuple(data.data_shape), s.seed + 100, 0, GRID_SAMPLES, device=device)

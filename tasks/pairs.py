@@ -5,7 +5,8 @@
 For every K: the teacher's chords along the searched schedule (boss, boss_lora) and along the
 uniform grid (distill_uniform): inputs x_{t_k} (the teacher's state), times t_k and targets
 (x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k). Plus reflow pairs (noise, N-step end point) when
-reflow_uniform is run. ``sweep.pair_samples`` noises, seeded per sample.
+reflow_uniform is run. ``sweep.pair_samples`` noises, seeded per sample, in seed-range shards
+on the ``scale`` runner (tasks/shards.py), concatenated in seed order.
 Writes outputs/pairs/pairs.safetensors: tensors "<group>.nfe_K.<field>" and "reflow.<field>".
 """
 
@@ -15,10 +16,12 @@ import sys
 
 import torch
 
-from boss_core.pairs import ChordPairs, ReflowPairs, teacher_pairs
+from boss_core.pairs import ChordPairs, ReflowPairs
+from boss_core.shards import merge_pairs, pairs_shard
 
 from .artifacts import load_prepared, load_schedules, load_teacher
 from .io import load_tensors, save_tensors
+from .shards import map_shards, portable, shard_plan
 from .step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "pairs", ("sweep", "run")
@@ -35,16 +38,17 @@ def run(ctx: StepContext) -> dict:
     shape = load_prepared(ctx.ws).data_shape
     schedules = load_schedules(ctx.ws)
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
-    device = next(teacher.parameters()).device
     source = {"boss": s.straighten_schedule, "distill_uniform": "distill_uniform"}
     targets = {(group, k): schedules[source[group]][k] for group, methods in GROUPS.items()
                if set(methods) & set(s.methods) for k in s.nfes}
     reflow = "reflow_uniform" in s.methods
-    with torch.no_grad():
-        chords, ends = teacher_pairs(teacher, targets, s.n_steps, shape, seed=s.seed + 2,
-                                     start=0, count=s.pair_samples, batch_size=s.batch_size,
-                                     device=device, reflow=reflow,
-                                     progress=ctx.params.run.progress)
+    scale = ctx.params.scale
+    shards = shard_plan(scale, s.pair_samples, s.batch_size)
+    job = {"velocity": portable(teacher, scale), "schedules": targets, "n_steps": s.n_steps,
+           "data_shape": tuple(shape), "seed": s.seed + 2, "batch_size": s.batch_size,
+           "device": ctx.params.run.device, "reflow": reflow}
+    parts = map_shards(NAME, pairs_shard, shards, scale, job, ctx.params.run.progress)
+    chords, ends = merge_pairs(parts)
     tensors = {}
     for (group, k), pairs in chords.items():
         for field in ("x", "t", "target", "sample"):

@@ -1,0 +1,55 @@
+"""A real Dask cluster for the tests: ``dask scheduler`` plus worker processes on 127.0.0.1,
+reached by address, with a Prefect server the workers report to. Every process is stopped by
+its PID."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from flows.local_server import free_port, prefect_server, stop_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dask() -> str:
+    return str(Path(sys.executable).with_name("dask"))
+
+
+@contextmanager
+def dask_cluster(n_workers: int = 2, cwd: Path = REPO,
+                 timeout: float = 120.0) -> Iterator[tuple[str, str]]:
+    """Yields (scheduler address, Prefect API URL); workers have one thread each."""
+    from distributed import Client
+
+    with ExitStack() as stack:
+        home = stack.enter_context(tempfile.TemporaryDirectory(prefix="boss-dask-"))
+        api = stack.enter_context(prefect_server(home=Path(home) / "prefect"))
+        port = free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        env = {**os.environ, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(cwd), "DASK_LOGGING__DISTRIBUTED": "warning",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        log = stack.enter_context(open(Path(home) / "dask.log", "ab"))
+
+        def start(args: list[str]) -> subprocess.Popen:
+            proc = subprocess.Popen([_dask(), *args], cwd=cwd, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            stack.callback(stop_process, proc)
+            return proc
+
+        start(["scheduler", "--host", "127.0.0.1", "--port", str(port),
+               "--dashboard-address", ":0", "--no-show"])
+        for _ in range(n_workers):
+            start(["worker", address, "--nthreads", "1", "--nworkers", "1",
+                   "--host", "127.0.0.1", "--dashboard-address", ":0",
+                   "--local-directory", str(Path(home) / "workers")])
+        with Client(address, timeout=timeout) as client:
+            client.wait_for_workers(n_workers, timeout=timeout)
+        yield address, str(api)
