@@ -10,11 +10,22 @@ weights. Step s draws its batch from ``step_generator(seed, s)``, so a run resum
 checkpoint is bit-identical on the CPU to an uninterrupted one (its ``wall_time_s`` adds the
 time spent before the interruption, kept in the checkpoint). Only parameters with
 ``requires_grad`` are trained (LoRA freezes the base weights).
+
+Data parallel (``dist`` with W > 1 ranks, under torchrun; see ``boss_core.distributed``):
+every rank draws the same global batch of B = ``batch_size`` rows from
+``step_generator(seed, s)`` and trains on its rows ``dist.rank_slice(B)`` under
+DistributedDataParallel, whose gradient average is the global-batch mean gradient. The logged
+loss is the mean of the W shard losses (= the global-batch loss); clipping, Adam and the EMA
+see the averaged gradient, identical on every rank. Rank 0 alone reads the checkpoint (and
+sends its bytes to the others) and writes it; world size is not part of it, so a checkpoint
+of a W-rank run resumes with any other W. Equal to one process up to float32 reduction order
+(tests/test_ddp.py states the tolerance).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import pickle
@@ -32,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
+from .distributed import Dist
 from .ema import EMA
 from .seeds import step_generator
 
@@ -122,9 +134,25 @@ def _save_atomic(state: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, ema: EMA, optimizer, config) -> dict:
+def _read_checkpoint(path: Path | None, dist: Dist) -> bytes | None:
+    """The checkpoint's bytes on every rank (None: no checkpoint); rank 0 alone reads the
+    file, so the other ranks need no shared filesystem. A read error is raised everywhere."""
+    blob, error = None, None
+    if dist.is_main and path is not None and path.exists():
+        try:
+            blob = path.read_bytes()
+        except OSError as err:
+            error = f"checkpoint {path} cannot be read: {err}"
+    blob, error = dist.broadcast((blob, error))
+    if error is not None:
+        raise ValueError(error)
+    return blob
+
+
+def _load_checkpoint(path: Path, blob: bytes, model: nn.Module, ema: EMA, optimizer,
+                     config) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -149,6 +177,7 @@ def straighten(
     checkpoint_dir: str | os.PathLike | None = None,
     callback: Callable[[int, float, float | None], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> StraightenResult:
     """Fine-tune ``model`` (in place) on ``train`` pairs; see the module doc.
 
@@ -159,8 +188,13 @@ def straighten(
             and at the end (atomically); an existing one there is resumed from.
         callback: ``callback(step, mean_loss, val_loss_or_None)`` every ``eval_every`` steps.
         on_checkpoint: ``on_checkpoint(step)`` right after each checkpoint is in place (the
-            pipeline's fault-injection hook; anything that must follow a durable save).
+            pipeline's fault-injection hook; anything that must follow a durable save); on
+            every rank, after all ranks know the save is done.
+        dist: this process's rank in a data-parallel job whose process group is initialised
+            (None: one process). Only rank 0 touches ``checkpoint_dir`` and calls
+            ``callback`` and the progress bar; every rank returns the same result.
     """
+    dist = Dist() if dist is None else dist
     if not isinstance(config, StraightenConfig):
         raise ValueError(f"config must be a StraightenConfig, got {type(config).__name__}")
     if len(train) < 1:
@@ -169,9 +203,11 @@ def straighten(
     if not params:
         raise ValueError("the model has no trainable parameters (use trainable_copy(teacher) "
                          "for full fine-tuning or add_lora(teacher, rank))")
-    device = resolve_device(config.device)
+    rows = dist.rank_slice(config.batch_size)  # this rank's rows of every global batch
+    dist.check_ready()
+    device = dist.device(resolve_device(config.device))
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None:
+    if ckpt is not None and dist.is_main:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     model.to(device).train()
     dtype = params[0].dtype
@@ -180,29 +216,40 @@ def straighten(
     optimizer = torch.optim.Adam(params, lr=config.lr)
     ema = EMA(model, config.ema_decay)  # restarted from the teacher's weights
     start, losses, val_losses, earlier_s = 0, [], [], 0.0
-    if ckpt is not None and ckpt.exists():
-        state = _load_checkpoint(ckpt, model, ema, optimizer, config)
+    blob = _read_checkpoint(ckpt, dist)
+    if blob is not None:
+        state = _load_checkpoint(ckpt, blob, model, ema, optimizer, config)
         start, losses, val_losses = state["step"], state["losses"], state["val_losses"]
         earlier_s = float(state.get("wall_seconds", 0.0))
+    # DDP averages the gradients over ranks in backward (and checks that every rank holds
+    # the same weights); the EMA, the optimizer and the checkpoint see the module itself.
+    net = model
+    if dist.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(step_done: int) -> None:
-        _save_atomic({"step": step_done, "model": model.state_dict(), "ema": ema.state_dict(),
-                      "optimizer": optimizer.state_dict(), "losses": losses,
-                      "val_losses": val_losses, "config": config.to_dict(),
-                      "wall_seconds": earlier_s + time.perf_counter() - started}, ckpt)
+        if dist.is_main:
+            _save_atomic({"step": step_done, "model": model.state_dict(),
+                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                          "losses": losses, "val_losses": val_losses,
+                          "config": config.to_dict(),
+                          "wall_seconds": earlier_s + time.perf_counter() - started}, ckpt)
+        dist.barrier()  # the file is in place before any rank goes on (or is killed)
         if on_checkpoint is not None:
             on_checkpoint(step_done)
 
     bar = tqdm(total=config.iterations, initial=start, desc="straighten", dynamic_ncols=True,
-               disable=not config.progress)
+               disable=not config.progress or not dist.is_main)
     window: list[float] = []
     started = time.perf_counter()
     for step in range(start, config.iterations):
         gen = step_generator(config.seed, step)
         index = torch.randint(len(train), (config.batch_size,), generator=gen)  # (B,)
-        x, t, target = train.batch(index, gen)
-        loss = F.mse_loss(model(x.to(dtype), t.to(dtype)), target.to(dtype))
-        value = float(loss.item())
+        x, t, target = train.batch(index, gen)  # the global batch, the same on every rank
+        x, t, target = x[rows], t[rows], target[rows]  # (B / W, ...): this rank's shard
+        loss = F.mse_loss(net(x.to(dtype), t.to(dtype)), target.to(dtype))
+        value = float(dist.all_mean(loss)) if dist.active else float(loss.item())
         if not math.isfinite(value):
             bar.close()
             raise FloatingPointError(f"straightening loss is {value} at step {step}")
@@ -227,12 +274,13 @@ def straighten(
             bar.set_postfix(loss=f"{mean:.4f}",
                             val=f"{val_loss:.4f}" if val_loss is not None else "-")
             bar.update(done - bar.n)
-            if callback is not None:
+            if callback is not None and dist.is_main:
                 callback(done, mean, val_loss)
         if ckpt is not None and ((config.checkpoint_every and done % config.checkpoint_every
                                   == 0) or done == config.iterations):
             save(done)
     bar.close()
+    del net  # DDP's gradient hooks go with it
     model.eval()
     return StraightenResult(
         ema_model=ema.model, model=model,

@@ -155,10 +155,12 @@ def use_prefect() -> bool:
 
 
 def main(name: str, fn: StepFn, sections: Iterable[str], doc: str | None = None,
-         argv: list[str] | None = None, add_args=None, bind=None) -> int:
+         argv: list[str] | None = None, add_args=None, bind=None, tracked: bool = True) -> int:
     """``python -m tasks.<name>``: load params (errors before compute), run, exit 0/1/2.
 
     ``add_args(parser)`` adds step options; ``bind(args) -> (name, fn)`` then picks the step.
+    ``tracked=False`` (a torchrun rank other than 0) runs ``fn`` with a context that has no
+    MLflow run (``client`` None) and no Prefect flow; ``fn`` must not log through it.
     """
     p = parser(name, doc)
     if add_args is not None:
@@ -174,7 +176,9 @@ def main(name: str, fn: StepFn, sections: Iterable[str], doc: str | None = None,
         return 2
     ws = Workspace.at(Path(args.params).resolve().parent, args.out)
     try:
-        if use_prefect():
+        if not tracked:
+            fn(StepContext(name, params, ws, None, "", ""))
+        elif use_prefect():
             tracking.check_prefect_api()
             from prefect import flow
 

@@ -15,6 +15,12 @@ the fault point ``straighten.checkpoint``, see tasks/faults.py).
 Writes outputs/students/<method>/nfe_K/{model.safetensors, schedule.json, losses.csv} and
 costs.json; each model is logged to MLflow and registered as "<experiment>-<method>-nfe<K>"
 with its schedule attached.
+
+Under torchrun (``python -m tasks.launch straighten ...`` with ``scale`` asking for several
+processes; WORLD_SIZE > 1 in the environment) every rank joins the process group (gloo on the
+CPU, NCCL on ``cuda:LOCAL_RANK``) and trains its share of each global batch; rank 0 alone
+makes the MLflow run, writes outputs/ and checkpoints/, registers the models and clears the
+checkpoints. The other ranks read the inputs and write nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import sys
 
 import numpy as np
 
+from boss_core.device import resolve_device
+from boss_core.distributed import Dist
 from boss_core.lora import add_lora, check_lora_rank, merge_lora
 from boss_core.pairs import holdout_mask
 from boss_core.straighten import straighten, trainable_copy
@@ -49,16 +57,23 @@ def target_schedules(ctx: StepContext, method: str):
     return {k: table[name][k] for k in s.nfes}
 
 
-def run_method(ctx: StepContext, method: str) -> dict:
-    p = ctx.params
+def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
+    """Train the method's students; with ``dist`` (a torchrun rank) rank 0 alone writes and
+    logs, and ``ctx`` of the other ranks is never used for tracking."""
+    p, dist = ctx.params, dist or Dist()
     out = ctx.ws.step("students") / method
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     if method not in p.sweep.methods:
-        write_json(out / "costs.json", {})
+        if dist.is_main:
+            _fresh_folder(out)
+            write_json(out / "costs.json", {})
         return {"method": method, "skipped": True}
-    teacher = load_teacher(ctx.ws, p.run.device, p.model.import_path)
+    dist.rank_slice(p.straighten.batch_size)  # the batch splits evenly: checked before compute
+    device = dist.device(resolve_device(p.straighten.device))
+    dist.init_process_group(device)
+    if dist.is_main:
+        _fresh_folder(out)
+    teacher = load_teacher(ctx.ws, str(dist.device(resolve_device(p.run.device))),
+                           p.model.import_path)
     if method == "boss_lora":
         check_lora_rank(teacher, p.sweep.lora_rank)  # before any compute
     _, meta = load_tensors(teacher_file(ctx.ws))
@@ -77,7 +92,10 @@ def run_method(ctx: StepContext, method: str) -> dict:
         tag = "shared" if k == 0 else f"nfe_{k}"
         ckpt = ctx.ws.checkpoints(NAME) / method / tag / digest
         result = straighten(student, train, p.straighten, val=val, checkpoint_dir=ckpt,
-                            on_checkpoint=lambda step: fault_point("straighten.checkpoint"))
+                            on_checkpoint=lambda step: fault_point("straighten.checkpoint"),
+                            dist=dist)
+        if not dist.is_main:
+            continue
         if result.resumed_from:
             log.info("straighten %s %s: resumed from step %d of %s", method, tag,
                      result.resumed_from, ckpt)
@@ -91,6 +109,8 @@ def run_method(ctx: StepContext, method: str) -> dict:
                       "wall_seconds": result.wall_time_s,
                       "trainable_params": result.trainable_params}
         checkpoints.append(ckpt)
+    if not dist.is_main:
+        return {"method": method, "rank": dist.rank}
     for k in p.sweep.nfes:
         model, result = trained[0 if method == "reflow_uniform" else k]
         folder = student_dir(ctx.ws, method, k)
@@ -112,14 +132,26 @@ def run_method(ctx: StepContext, method: str) -> dict:
             "train_seconds": sum(c["wall_seconds"] for c in costs.values())}
 
 
+def _fresh_folder(folder) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
 def main_cli(argv=None) -> int:
+    dist = Dist.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: one process)
+
     def add_args(p):
         p.add_argument("--method", required=True, choices=TRAINED, help="the student to train")
 
     def bind(args):
-        return f"{NAME}_{args.method}", lambda ctx: run_method(ctx, args.method)
+        return f"{NAME}_{args.method}", lambda ctx: run_method(ctx, args.method, dist)
 
-    return main(NAME, None, SECTIONS, __doc__, argv, add_args=add_args, bind=bind)
+    try:
+        return main(NAME, None, SECTIONS, __doc__, argv, add_args=add_args, bind=bind,
+                    tracked=dist.is_main)
+    finally:
+        dist.destroy_process_group()
 
 
 def make_task(method: str):
