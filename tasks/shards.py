@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,8 +38,26 @@ def dask_address(scale: ScaleConfig) -> str:
     return address
 
 
+def check_scheduler(scale: ScaleConfig, timeout: float = 5.0) -> None:
+    """ConnectionError naming the setting when the Dask scheduler does not answer."""
+    address = dask_address(scale) if scale.runner == "dask" else ""
+    if not address:
+        return
+    host_port = address.split("://", 1)[1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as err:
+        source = ADDRESS_ENV if os.environ.get(ADDRESS_ENV, "").strip() else "scale.dask_address"
+        raise ConnectionError(f"Dask scheduler {address} ({source}) is unreachable: {err}") \
+            from err
+
+
 def shard_plan(scale: ScaleConfig, total: int, batch_size: int) -> list[Shard]:
-    """The seed ranges of ``total`` samples (one shard for the local runner's default)."""
+    """The seed ranges of ``total`` samples (one shard for the local runner's default);
+    checks first that a configured Dask scheduler answers."""
+    check_scheduler(scale)
     workers = scale.dask_workers if scale.runner == "dask" else 1
     shards = shard_ranges(total, scale.shard_samples, batch_size, workers)
     if not aligned(shards, batch_size):

@@ -61,9 +61,10 @@ def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml",
 
 
 @contextmanager
-def mlflow_server(folder: Path):
+def mlflow_server(folder: Path, serve_artifacts: bool = False):
     """``mlflow server`` on 127.0.0.1 (a free port) with its store in ``folder``; yields its
-    URI and stops it by PID."""
+    URI and stops it by PID. ``serve_artifacts``: clients upload artifacts through the server
+    (``mlflow-artifacts:/``, as with a remote artifact store) instead of writing the folder."""
     import httpx
 
     from flows.local_server import free_port, stop_process
@@ -72,7 +73,8 @@ def mlflow_server(folder: Path):
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--default-artifact-root", str(folder / "artifacts")],
+         *(["--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
+           if serve_artifacts else ["--default-artifact-root", str(folder / "artifacts")])],
         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
