@@ -16,13 +16,15 @@ the key. All steps log nested MLflow runs under one parent run per flow run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ class RunPlan:
     params_file: Path
     ws: Workspace  # ws.repo: params, data, MLflow store; ws.out: this run's folder
     name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # on top of params_file
 
     @property
     def run_dir(self) -> Path:
@@ -124,7 +127,7 @@ def prepare_run(overrides: Mapping[str, Any] | None = None,
     if ws.out == ws.repo:
         raise ParamsError(f"run_dir {str(out)!r} is the repo root: the flow never writes into "
                           "the DVC workspace")
-    return RunPlan(params, path, ws, name or ws.out.name)
+    return RunPlan(params, path, ws, name or ws.out.name, dict(overrides or {}))
 
 
 def ensure_data(plan: RunPlan) -> None:
@@ -188,13 +191,49 @@ def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {m: dict(metrics[m]) for m in HEADLINE if m in metrics}
 
 
+def straighten_command(plan: RunPlan, method: str) -> list[str]:
+    """``python -m tasks.launch straighten`` for this run: the same params file, overrides and
+    run folder, so torchrun's rank 0 writes where the in-process task would."""
+    from tasks.launch import build_command
+
+    argv = ["--method", method, "--params", str(plan.params_file), "--out", str(plan.ws.out)]
+    for key, value in plan.overrides.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]  # JSON is YAML
+    return build_command(plan.params.scale, "straighten", argv)
+
+
+def launched_task(method: str):
+    """The straighten step of ``method`` on ``scale.world_size`` ranks, as a Prefect task.
+
+    The child inherits ``BOSS_PARENT_RUN_ID`` (its MLflow run nests under the flow's) and
+    ``MLFLOW_TRACKING_URI``. On several nodes the other nodes run ``python -m tasks.launch``
+    themselves (README, Scaling out).
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    def run_launched(plan: RunPlan) -> None:
+        cmd = straighten_command(plan, method)
+        log.info("straighten %s on %d ranks: %s", method, plan.params.scale.world_size,
+                 " ".join(cmd))
+        done = subprocess.run(cmd, cwd=plan.ws.repo, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"straighten {method} under torchrun exited with "
+                               f"{done.returncode}")
+
+    return task(run_launched, name=f"straighten_{method}", cache_policy=NO_CACHE)
+
+
 def run_steps(plan: RunPlan) -> None:
     """The step tasks in dvc.yaml's order; each raises on failure (no compute retries)."""
     params, ws = plan.params, plan.ws
     for module in (prepare, teacher, features, cost, schedules, pairs):
         module.task(params, ws)
     for method in STRAIGHTEN_METHODS:
-        straighten.make_task(method)(params, ws)
+        if params.scale.world_size > 1:  # DDP: torchrun in a child process
+            launched_task(method)(plan)
+        else:
+            straighten.make_task(method)(params, ws)
     evaluate.task(params, ws)
     report.task(params, ws)
 

@@ -8,7 +8,9 @@ Tolerances:
 - Shards on batch boundaries: every network call sees the batch it sees in one process, so
   the teacher paths are bit-identical and the cost sums differ only in the order of float64
   additions of the per-batch sums: 1e-12 relative on every entry (measured ~2e-16), and
-  pairs and samples are equal bit for bit.
+  pairs and samples are equal bit for bit. This needs the same torch thread count on both
+  sides (1 here): the float64 Gram products are summed in a thread-count-dependent order
+  (16 threads against 1 differ by 1.7e-12, BENCHMARKS.md).
 - Shards that cut batches: batch compositions change, and a float32 conv/matmul may round
   differently for another batch size (~1 ulp = 6e-8 relative on each output). Over N = 20
   Euler steps the states drift by a few ulp, and c(i, j) (j >= i + 2) is a squared residual,

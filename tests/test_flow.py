@@ -22,8 +22,14 @@ from flows.local_server import (
     stop_process,
     wait_for_deployment,
 )
-from flows.pipeline import FLOW_NAME, boss_pipeline, parent_run, prepare_run
-from tasks.params import ParamsError
+from flows.pipeline import (
+    FLOW_NAME,
+    boss_pipeline,
+    parent_run,
+    prepare_run,
+    straighten_command,
+)
+from tasks.params import ParamsError, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -77,6 +83,27 @@ def test_run_folders_never_collide_or_hit_the_workspace(params_copy, tmp_path):
     assert relative.run_dir == params_copy / "elsewhere" / "r1"
     with pytest.raises(ParamsError, match="repo root"):
         prepare_run(None, params_copy / "params.yaml", run_dir=str(params_copy))
+
+
+def test_ddp_world_runs_straighten_through_the_launcher(params_copy):
+    """With scale.nproc_per_node = 2 the flow's straighten step is torchrun on the same params
+    file, overrides and run folder; the overrides reach torchrun's ranks as --set."""
+    plan = prepare_run({"scale.nproc_per_node": 2, "sweep.nfes": [1, 2],
+                        "scale.rdzv_endpoint": "127.0.0.1:29555"}, params_copy / "params.yaml")
+    cmd = straighten_command(plan, "boss")
+    assert Path(cmd[0]).name == "torchrun"
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    assert cmd[cmd.index("--rdzv_endpoint") + 1] == "127.0.0.1:29555"
+    assert cmd[cmd.index("-m") + 1] == "tasks.straighten"
+    step = cmd[cmd.index("-m") + 2:]
+    assert step[:2] == ["--method", "boss"]
+    assert step[step.index("--params") + 1] == str(params_copy / "params.yaml")
+    assert step[step.index("--out") + 1] == str(plan.run_dir)
+    sets = dict(parse_override(step[i + 1]) for i, a in enumerate(step) if a == "--set")
+    assert sets == {"scale.nproc_per_node": 2, "sweep.nfes": [1, 2],
+                    "scale.rdzv_endpoint": "127.0.0.1:29555"}
+    single = prepare_run({"sweep.nfes": [1, 2]}, params_copy / "params.yaml")
+    assert straighten_command(single, "boss")[1:3] == ["-m", "tasks.straighten"]
 
 
 def test_parent_run_finished_or_failed_and_env_restored(params_copy, monkeypatch):

@@ -36,6 +36,9 @@ def _configure(repo: Path) -> None:
     params["scale"].update(SCALE)
     params["sweep"]["batch_size"] = 32  # shards of 64 = whole batches: 1-2 cost shards...
     params["sweep"]["search_samples"] = 128  # ... 2 cost shards, 2 pair shards, 4 eval shards
+    # fewer trained rows than the tiny profile: this test is about placement, not methods
+    params["sweep"]["methods"] = ["teacher", "uniform", "bellman", "boss", "distill_uniform"]
+    params["sweep"]["nfes"] = [1, 2]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "scale"], repo)
 
@@ -99,7 +102,7 @@ def test_two_node_torchrun_matches_the_two_process_stage(stand_ins):
     repo, _, _, extra = stand_ins
     method = "distill_uniform"
     before = {k: load_file(repo / f"outputs/students/{method}/nfe_{k}/model.safetensors")
-              for k in (1, 2, 4)}
+              for k in (1, 2)}
     endpoint = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "tasks.launch", "straighten", "--method", method,
            "--set", "scale.nnodes=2", "--set", "scale.nproc_per_node=1",
