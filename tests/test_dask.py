@@ -23,6 +23,8 @@ In both cases the Bellman schedules are identical for every K.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,20 @@ def test_dask_pairs_and_samples_equal_single_process(cluster, teacher, monkeypat
     assert sorted(merged) == sorted(single)
     for key in single:
         assert torch.equal(merged[key], single[key]), key
+
+
+def test_local_cluster_default_needs_no_address_and_no_prefect_server(teacher, monkeypatch):
+    """scale.runner dask with no address: a LocalCluster of 2 worker processes, and a
+    temporary Prefect server for the shard tasks (the workers inherit its URL)."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("BOSS_DASK_ADDRESS", raising=False)
+    shards = shard_ranges(M, 32, BATCH)
+    job = {"velocity": teacher, "data_shape": SHAPE, "seed": SEED, "n_steps": N,
+           "batch_size": BATCH, "device": "cpu"}
+    scale = ScaleConfig(runner="dask", dask_workers=2, shard_samples=32)
+    merged = merge_costs(map_shards("test", cost_shard, shards, scale, job, progress=False))
+    single = _single_cost(teacher)
+    rel = np.abs(_upper(merged.sum) - _upper(single.sum)) / np.maximum(
+        np.abs(_upper(single.sum)), np.finfo(np.float64).tiny)
+    assert rel.max() <= 1e-12
+    assert "PREFECT_API_URL" not in os.environ  # the temporary server is gone
