@@ -183,6 +183,14 @@ class FidelityExtractor:
         self._cache: dict[str, ReferenceFeatures] = {}
         self._cache_size = cache_size
 
+    def __getstate__(self) -> dict:
+        """Pickled for a Dask worker without the reference cache (it can be large)."""
+        return {**self.__dict__, "_cache": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.device = resolve_device(self.config.device)  # the worker's own device
+
     def _features_uint8(self, u: Tensor) -> Tensor:
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
@@ -265,19 +273,34 @@ def fid_kid(samples: Tensor, reference: Tensor | ReferenceFeatures,
     Raises:
         ValueError: either set smaller than ``kid_subset_size`` (before any compute).
     """
-    m = extractor.config.kid_subset_size
     n_ref = reference.features.shape[0] if isinstance(reference, ReferenceFeatures) else (
         reference.shape[0])
-    for what, count in (("samples", samples.shape[0]), ("reference", n_ref)):
+    _check_sizes(samples.shape[0], n_ref, extractor.config.kid_subset_size)
+    ref = reference if isinstance(reference, ReferenceFeatures) else extractor.reference(reference)
+    return fid_kid_features(extractor.features(samples), ref, extractor.config)
+
+
+def _check_sizes(n_samples: int, n_ref: int, m: int) -> None:
+    for what, count in (("samples", n_samples), ("reference", n_ref)):
         if count < m:
             raise ValueError(f"kid_subset_size={m} is larger than the {count} {what}; "
                              f"lower kid_subset_size or pass more {what}")
-    ref = reference if isinstance(reference, ReferenceFeatures) else extractor.reference(reference)
-    feats = extractor.features(samples)  # (M, D)
-    fid = fid_statistics_to_metric(fid_features_to_statistics(feats), ref.fid_stats, False)
+
+
+def fid_kid_features(feats: Tensor, reference: ReferenceFeatures,
+                     config: FidelityConfig) -> dict[str, float]:
+    """``fid_kid`` from features already extracted: (M, D) float32 against the reference's.
+
+    Sharded evaluation extracts features on the workers (``FidelityExtractor.features``) and
+    scores the merged (M, D) here, so only features travel, never images.
+    """
+    m = config.kid_subset_size
+    _check_sizes(feats.shape[0], reference.features.shape[0], m)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(feats), reference.fid_stats,
+                                   False)
     # float64 kernels: float32 sums of ~m^2 kernel values lose KID's small differences
-    kid = kid_features_to_metric(feats.double(), ref.features.double(),
-                                 kid_subsets=extractor.config.kid_subsets, kid_subset_size=m,
+    kid = kid_features_to_metric(feats.double(), reference.features.double(),
+                                 kid_subsets=config.kid_subsets, kid_subset_size=m,
                                  rng_seed=KID_SEED, verbose=False)
     return {"fid": float(fid[KEY_METRIC_FID]), "kid": float(kid[KEY_METRIC_KID_MEAN]),
             "kid_std": float(kid[KEY_METRIC_KID_STD])}

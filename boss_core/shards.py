@@ -5,7 +5,8 @@ drawn from its own seed (``boss_core.seeds``):
 
 - the cost matrix, a float64 sum over teacher paths: C = sum_shards C_s, M = sum_shards M_s;
 - the training pairs, rows keyed by sample: concatenated in seed order;
-- evaluation samples, rows keyed by sample: concatenated in seed order.
+- evaluation samples (or their features), rows keyed by sample: concatenated in seed order,
+  and the end-point error's float64 sum of squares.
 
 A shard is the half-open seed range [start, start + count). It regenerates its own noise from
 the seeds, so nothing but the model travels to a worker and only the results come back. When
@@ -21,7 +22,8 @@ functions over a Prefect task runner (in-process, or Dask).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import reduce
 
 import torch
@@ -134,37 +136,65 @@ def merge_pairs(parts: Sequence[tuple[dict, ReflowPairs | None]]):
 RowKey = tuple[str, int]  # (method, K); the teacher reference row is ("reference", N)
 
 
+@dataclass(frozen=True, eq=False)
+class Drawn:
+    """What an evaluation shard brings back, per row and seed.
+
+    values: {(method, K, s): (count, ...)} the samples, or their features (count, D) when the
+        shard was given ``featurize``; ("reference", N, s) is the N-step teacher.
+    sq_err: {(method, K): float64 sum over the shard's samples of every seed of
+        ||x - x_ref||^2}, the end-point error's numerator (the reference row's is 0).
+    count: samples per seed.
+    """
+
+    values: dict[tuple[str, int, int], Tensor]
+    sq_err: dict[RowKey, float]
+    count: int
+
+    def endpoint_rmse(self, key: RowKey, n_seeds: int) -> float:
+        """sqrt(sq_err / (count * n_seeds)): ``metrics.endpoint_rmse`` pooled over seeds."""
+        return math.sqrt(self.sq_err[key] / (self.count * n_seeds))
+
+
 def sample_shard(rows: Mapping[RowKey, tuple[VelocityFn, Sequence[float]]], teacher: VelocityFn,
                  data_shape, seeds: Sequence[int], n_steps: int, start: int, count: int,
-                 batch_size: int, device=None,
-                 progress: bool = False) -> dict[tuple[str, int, int], Tensor]:
+                 batch_size: int, device=None, featurize: Callable[[Tensor], Tensor] | None = None,
+                 progress: bool = False) -> Drawn:
     """Euler samples of every row from noises [start, start + count) of every seed.
 
     Args:
         rows: {(method, K): (velocity, times)} with times (K + 1,) from 0 to 1.
         seeds: the evaluation's noise seeds.
+        featurize: (count, ...) samples -> (count, D) features (e.g. the FID extractor's):
+            only features come back, so a 50k-sample evaluation of large images moves
+            (count, D) per row, never the images.
     Returns:
-        {(method, K, s): (count, *data_shape) CPU tensor} for each seed index s, plus
-        ("reference", N, s): the N-step uniform teacher from the same noises.
+        ``Drawn`` with CPU tensors.
     """
     device = _place(device, teacher, *(v for v, _ in rows.values()))
-    out: dict[tuple[str, int, int], Tensor] = {}
-    plan = {("reference", n_steps): (teacher, uniform_grid(n_steps)), **rows}
-    jobs = [(s, seed, key) for s, seed in enumerate(seeds) for key in plan]
-    noise: dict[int, list[Tensor]] = {}
+    reference_key = ("reference", n_steps)
+    plan = {reference_key: (teacher, uniform_grid(n_steps)), **rows}
+    values: dict[tuple[str, int, int], Tensor] = {}
+    sq_err = {key: 0.0 for key in plan}
     with torch.no_grad():
-        for s, seed, (method, k) in tqdm(jobs, desc="sample", disable=not progress):
-            if s not in noise:
-                noise = {s: list(_noise_batches(data_shape, seed, start, count, batch_size,
-                                                device))}
-            velocity, times = plan[(method, k)]
-            out[(method, k, s)] = torch.cat([euler_sample(velocity, z, times).cpu()
-                                             for z in noise[s]])
-    return out
+        for s, seed in enumerate(tqdm(seeds, desc="sample", disable=not progress)):
+            noise = list(_noise_batches(data_shape, seed, start, count, batch_size, device))
+            reference = None
+            for key, (velocity, times) in plan.items():
+                x = torch.cat([euler_sample(velocity, z, times).cpu() for z in noise])
+                if reference is None:
+                    reference = x
+                else:
+                    diff = (x.double() - reference.double()).reshape(x.shape[0], -1)
+                    sq_err[key] += float((diff * diff).sum())
+                values[(*key, s)] = featurize(x) if featurize is not None else x
+    return Drawn(values, sq_err, count)
 
 
-def merge_samples(parts: Sequence[Mapping[tuple, Tensor]]) -> dict[tuple, Tensor]:
-    """Concatenate each row's samples across shards, in shard (= seed) order."""
+def merge_samples(parts: Sequence[Drawn]) -> Drawn:
+    """Concatenate each row's values across shards in shard (= seed) order; add the errors."""
     if not parts:
         raise ValueError("no sample shards to merge")
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    values = {key: torch.cat([p.values[key] for p in parts]) for key in parts[0].values}
+    sq_err = {key: math.fsum(p.sq_err[key] for p in parts) for key in parts[0].sq_err}
+    return Drawn(values, sq_err, sum(p.count for p in parts))

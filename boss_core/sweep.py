@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from .bellman import bellman_schedules, global_schedules
@@ -29,7 +28,7 @@ from .config import ConfigMixin, check_int, check_number
 from .cost import cost_matrix
 from .grids import uniform_grid
 from .lora import add_lora, check_lora_rank
-from .metrics import aggregate, endpoint_rmse
+from .metrics import aggregate
 from .pairs import holdout_mask, teacher_pairs, uniform_on_grid
 from .presets import PRESETS, uniform_schedule
 from .schedule import Schedule
@@ -225,8 +224,10 @@ def evaluate(plan, teacher: nn.Module, data_shape, score: Score, config: SweepCo
     """Score every (method, K) over ``config.n_seeds`` noise seeds.
 
     Args:
-        samples: the merged output of ``boss_core.shards.sample_shard`` over samples
-            0 .. eval_samples-1 (sharded runs); None samples here in one piece.
+        score: one seed's (M, ...) samples, or features when ``samples`` was drawn with
+            ``featurize``, -> {name: value}.
+        samples: the merged ``boss_core.shards.Drawn`` over samples 0 .. eval_samples-1
+            (sharded runs); None draws them here in one piece.
     Returns:
         {method: {"nfe_K": {<score keys>, <key>_std, endpoint_rmse, n_samples, n_seeds}}}.
         endpoint_rmse pools every seed's samples against the N-step teacher from the same
@@ -240,17 +241,18 @@ def evaluate(plan, teacher: nn.Module, data_shape, score: Score, config: SweepCo
         samples = sample_shard(sampled_rows(plan), teacher, data_shape, eval_seeds(config),
                                config.n_steps, 0, config.eval_samples, config.batch_size,
                                device=device, progress=progress)
+    if samples.count != config.eval_samples:
+        raise ValueError(f"drawn {samples.count} samples per seed, expected "
+                         f"sweep.eval_samples={config.eval_samples}")
     seeds = range(config.n_seeds)
-    reference = [samples[("reference", config.n_steps, s)] for s in seeds]
     rows = [(m, k) for m, table in plan.items() for k in table]
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for method, k in tqdm(rows, desc="score", disable=not progress):
-        drawn = (reference if method == "teacher" else
-                 [samples[(method, k, s)] for s in seeds])
-        row = aggregate([score(x) for x in drawn])
-        row["endpoint_rmse"] = endpoint_rmse(torch.cat(drawn), torch.cat(reference))
+        key = ("reference", config.n_steps) if method == "teacher" else (method, k)
+        row = aggregate([score(samples.values[(*key, s)]) for s in seeds])
+        row["endpoint_rmse"] = samples.endpoint_rmse(key, config.n_seeds)
         row["n_samples"] = config.eval_samples
-        bad = [key for key, value in row.items() if not math.isfinite(value)]
+        bad = [name for name, value in row.items() if not math.isfinite(value)]
         if bad:
             raise FloatingPointError(f"evaluation of {method} at nfe_{k} gave non-finite {bad}")
         metrics.setdefault(method, {})[f"nfe_{k}"] = row

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from boss_core.distances import mmd, swd
-from boss_core.fidelity import build_extractor, fid_kid
+from boss_core.fidelity import build_extractor, fid_kid_features
 from boss_core.grids import uniform_grid
 from boss_core.sampling import euler_sample
 from boss_core.seeds import sample_noise
@@ -50,7 +50,9 @@ GRID_SAMPLES = 64
 
 
 def scorer(ctx: StepContext, data):
-    """(score(samples) -> {name: value}, the headline key)."""
+    """(score, headline key, featurize): images are scored on features that the sampling
+    shards extract themselves (``featurize``), so only (M, D) features travel back; 2-D sets
+    are scored on the samples (featurize None)."""
     if not is_image_data(data.data_shape):
         reference = data.x
 
@@ -58,7 +60,7 @@ def scorer(ctx: StepContext, data):
             return {"swd": swd(samples.float().cpu(), reference, seed=0),
                     "mmd": mmd(samples.float().cpu(), reference)}
 
-        return score_points, "swd"
+        return score_points, "swd", None
     f = ctx.params.fidelity
     if len(data) < f.kid_subset_size:
         raise ValueError(f"fidelity.kid_subset_size={f.kid_subset_size} exceeds the "
@@ -67,11 +69,11 @@ def scorer(ctx: StepContext, data):
     extractor = build_extractor(f, net if f.extractor == "classifier" else None)
     reference = extractor.reference(data.x)
 
-    def score_images(samples):
-        out = fid_kid(samples.float().cpu(), reference, extractor)
+    def score_features(features):
+        out = fid_kid_features(features, reference, f)
         return {"fid": out["fid"], "kid": out["kid"]}
 
-    return score_images, "fid"
+    return score_features, "fid", extractor.features
 
 
 def plan(ctx: StepContext, teacher):
@@ -107,14 +109,15 @@ def costs(ctx: StepContext) -> dict:
     return cost_table(s, searched, student)
 
 
-def sharded_samples(ctx: StepContext, rows, teacher, data_shape) -> dict:
-    """Every row's samples for every seed, in seed-range shards on the ``scale`` runner."""
+def sharded_samples(ctx: StepContext, rows, teacher, data_shape, featurize=None):
+    """Every row's samples (or their features) for every seed and their end-point errors,
+    drawn in seed-range shards on the ``scale`` runner (``boss_core.shards.Drawn``)."""
     s, scale = ctx.params.sweep, ctx.params.scale
     shards = shard_plan(scale, s.eval_samples, s.batch_size)
     job = {"rows": {key: (portable(v, scale), t) for key, (v, t) in sampled_rows(rows).items()},
            "teacher": portable(teacher, scale), "data_shape": tuple(data_shape),
            "seeds": eval_seeds(s), "n_steps": s.n_steps, "batch_size": s.batch_size,
-           "device": ctx.params.run.device,
+           "device": ctx.params.run.device, "featurize": featurize,
            "progress": ctx.params.run.progress and len(shards) == 1}
     parts = map_shards(NAME, sample_shard, shards, scale, job, ctx.params.run.progress)
     return merge_samples(parts)
@@ -124,12 +127,13 @@ def sharded_samples(ctx: StepContext, rows, teacher, data_shape) -> dict:
 def run(ctx: StepContext) -> dict:
     s = ctx.params.sweep
     data = load_prepared(ctx.ws)
-    score, key = scorer(ctx, data)  # file and size checks before any sampling
+    score, key, featurize = scorer(ctx, data)  # file and size checks before any sampling
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
     rows = plan(ctx, teacher)
     metrics = evaluate(rows, teacher, data.data_shape, score, s,
-                       samples=sharded_samples(ctx, rows, teacher, data.data_shape))
+                       samples=sharded_samples(ctx, rows, teacher, data.data_shape,
+                                               featurize))
     write_json(ctx.ws.results / "metrics.json", metrics)
     write_json(ctx.ws.results / "costs.json", costs(ctx))
     noise = sample_noise(tuple(data.data_shape), s.seed + 100, 0, GRID_SAMPLES, device=device)

@@ -33,6 +33,8 @@ from dask_helpers import dask_cluster
 from boss_core.bellman import bellman_schedules
 from boss_core.config import ScaleConfig
 from boss_core.cost import cost_matrix
+from boss_core.features import FeatureNet
+from boss_core.fidelity import FidelityConfig, build_extractor
 from boss_core.models import ModelConfig, build_model
 from boss_core.pairs import teacher_pairs
 from boss_core.schedule import Schedule
@@ -136,11 +138,33 @@ def test_dask_pairs_and_samples_equal_single_process(cluster, teacher, monkeypat
             ("bellman", 2): (teacher, np.array([0.0, 0.35, 1.0]))}
     job = {"rows": rows, "teacher": teacher, "data_shape": SHAPE, "seeds": [100, 101],
            "n_steps": N, "batch_size": BATCH, "device": "cpu"}
-    merged = merge_samples(_dask_map(cluster, monkeypatch, sample_shard, shards, job))
     single = sample_shard(rows, teacher, SHAPE, [100, 101], N, 0, M, BATCH, device="cpu")
-    assert sorted(merged) == sorted(single)
-    for key in single:
-        assert torch.equal(merged[key], single[key]), key
+    merged = merge_samples(_dask_map(cluster, monkeypatch, sample_shard, shards, job))
+    _assert_same_draws(merged, single)
+    # features extracted on the workers (the FID extractor travels, images do not)
+    torch.manual_seed(1)
+    extractor = build_extractor(FidelityConfig(kid_subset_size=8, n_seeds=2),
+                                FeatureNet(1, 10, feature_dim=16).eval())
+    job["featurize"] = extractor.features
+    featured = merge_samples(_dask_map(cluster, monkeypatch, sample_shard, shards, job))
+    assert featured.values[("uniform", 2, 0)].shape == (M, 16)
+    for key, x in single.values.items():
+        assert torch.equal(featured.values[key], extractor.features(x)), key
+    _assert_same_errors(featured, single)
+
+
+def _assert_same_draws(merged, single):
+    assert merged.count == single.count == M
+    assert sorted(merged.values) == sorted(single.values)
+    for key in single.values:
+        assert torch.equal(merged.values[key], single.values[key]), key
+    _assert_same_errors(merged, single)
+
+
+def _assert_same_errors(merged, single):
+    assert single.sq_err[("reference", N)] == 0 and single.sq_err[("uniform", 2)] > 0
+    for key, value in single.sq_err.items():  # float64 sums in another order
+        assert merged.sq_err[key] == pytest.approx(value, rel=1e-12, abs=0), key
 
 
 def test_local_cluster_default_needs_no_address_and_no_prefect_server(teacher, monkeypatch):
