@@ -28,6 +28,11 @@ from boss_core.shards import Shard, aligned, shard_ranges
 
 log = logging.getLogger("boss")
 ADDRESS_ENV = "BOSS_DASK_ADDRESS"
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker, which also freezes glibc's
+# mmap threshold at 128 KiB: every larger tensor becomes a fresh mmap with page faults and
+# torch runs ~2x slower than in-process (bench/dask_scaling.py). A 32 MiB mmap threshold
+# undoes that; give workers you start yourself the same variable.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
 def dask_address(scale: ScaleConfig) -> str:
@@ -121,7 +126,8 @@ def dask_runner(scale: ScaleConfig):
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": scale.dask_workers,
                                           "threads_per_worker": 1, "processes": True,
-                                          "host": "127.0.0.1", "dashboard_address": None})
+                                          "host": "127.0.0.1", "dashboard_address": None,
+                                          "env": dict(WORKER_ENV)})
 
 
 def _map_dask(name: str, fn: Callable, shards: Sequence[Shard], scale: ScaleConfig,

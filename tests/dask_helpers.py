@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flows.local_server import free_port, prefect_server, stop_process
+from tasks.shards import WORKER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def dask_cluster(n_workers: int = 2, cwd: Path = REPO,
         api = stack.enter_context(prefect_server(home=Path(home) / "prefect"))
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
-        env = {**os.environ, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
+        env = {**os.environ, **WORKER_ENV, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(cwd), "DASK_LOGGING__DISTRIBUTED": "warning",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         log = stack.enter_context(open(Path(home) / "dask.log", "ab"))
