@@ -9,7 +9,8 @@ worker processes mapping ``boss_core.shards.cost_shard`` over seed ranges (raw D
 device machine has no Prefect). It prints paths per second, the ratio to one worker and to the
 in-process run, and the largest relative difference of the merged cost sum from the
 in-process one (shards are whole batches, so it should be ~1e-16). Cluster start-up is
-excluded (one warm-up map first). Needs dask and distributed.
+excluded (one warm-up map first). Workers get ``tasks.shards.WORKER_ENV`` (the malloc
+setting the pipeline gives them) unless ``--no-malloc-fix``. Needs dask and distributed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boss_core.models import ModelConfig, build_model  # noqa: E402
 from boss_core.shards import cost_shard, merge_costs, shard_ranges  # noqa: E402
+from tasks.shards import WORKER_ENV  # noqa: E402
 
 SHAPE = (1, 8, 8)
 
@@ -60,8 +62,9 @@ def on_dask(model, args, device: str, workers: int):
     shards = shard_ranges(args.samples, args.shard, args.batch)
     job = dict(data_shape=SHAPE, seed=1, n_steps=args.n_steps, batch_size=args.batch,
                device=device)
+    env = dict(WORKER_ENV) if args.malloc_fix else {}
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, \
+                      host="127.0.0.1", dashboard_address=None, env=env) as cluster, \
             Client(cluster) as client:
         remote = client.scatter(model.cpu(), broadcast=True)
         client.gather([client.submit(cost_shard, remote, start=0, count=args.batch,
@@ -88,12 +91,14 @@ def main(argv=None) -> int:
     p.add_argument("--n-steps", type=int, default=100, help="fine grid N")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--shard", type=int, default=256, help="samples per shard")
+    p.add_argument("--no-malloc-fix", dest="malloc_fix", action="store_false",
+                   help="leave out tasks.shards.WORKER_ENV (MALLOC_MMAP_THRESHOLD_) on workers")
     args = p.parse_args(argv)
     print(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, cuda: "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     print(f"# M={args.samples} paths, N={args.n_steps}, batch {args.batch}, "
-          f"shards of {args.shard}")
+          f"shards of {args.shard}, worker env {WORKER_ENV if args.malloc_fix else 'default'}")
     model = teacher()
     devices = ["cpu"] + ([args.device] if args.device != "cpu" else [])
     for device in devices:
