@@ -50,15 +50,7 @@ class StepContext:
 
     def log_curve(self, name: str, rows, every: int = 1) -> None:
         """An (S, 2) array of (step, value) rows as one metric with ``step=``."""
-        import math
-
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        items = [Metric(name, float(v), stamp, int(s)) for s, v in rows[::every]
-                 if math.isfinite(float(v))]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+        tracking.log_series(self.client, self.run_id, name, rows, every)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None,
                      parent: bool = False) -> None:

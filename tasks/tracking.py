@@ -197,12 +197,23 @@ def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
 
 def log_metrics(client, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
     """Finite values only (a NaN never reaches MLflow)."""
+    _log_points(client, run_id, [(k, step, v) for k, v in values.items()])
+
+
+def log_series(client, run_id: str, name: str, rows, every: int = 1) -> None:
+    """An (S, 2) array of (step, value) rows as one metric with ``step=``, every ``every``-th
+    row; non-finite values are dropped."""
+    _log_points(client, run_id, [(name, s, v) for s, v in rows[::every]])
+
+
+def _log_points(client, run_id: str, points) -> None:
+    """(name, step, value) triples in batches of 500 (MLflow's limit per call)."""
     import math
 
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    items = [Metric(k, float(v), stamp, int(step)) for k, v in values.items()
+    items = [Metric(name, float(v), stamp, int(step)) for name, step, v in points
              if math.isfinite(float(v))]
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i:i + 500])

@@ -125,3 +125,17 @@ def test_retry_raises_other_errors_at_once(monkeypatch):
     with pytest.raises(MlflowException):
         tracking.retry(refused)
     assert calls == [1]
+
+
+def test_a_series_is_logged_by_step_thinned_and_without_nan(store):
+    import numpy as np
+
+    experiment = tracking.setup(store, "t")
+    run = tracking.start_parent(experiment, store, "p", {})
+    client = mlflow.MlflowClient()
+    rows = np.array([[s, 1.0 / (s + 1)] for s in range(1203)])
+    rows[4, 1] = np.nan
+    tracking.log_series(client, run, "loss", rows, every=2)  # 602 points: two batches
+    history = {m.step: m.value for m in client.get_metric_history(run, "loss")}
+    want = {int(s): v for s, v in rows[::2] if np.isfinite(v)}
+    assert history == pytest.approx(want) and 4 not in history and len(history) == 601
