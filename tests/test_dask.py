@@ -61,6 +61,18 @@ def cluster():
         yield address, api
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The workers compute with one torch thread; so does the single-process reference here.
+    Float32 convolutions and the float64 Gram sums are reduced in a thread-count-dependent
+    order, so equal thread counts are part of "bit-identical" (CI runs pytest with torch's
+    default of one thread per core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def teacher():
     """A small U-Net with every weight perturbed: a fresh one outputs v = 0 (its last layer
