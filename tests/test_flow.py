@@ -138,11 +138,9 @@ def _tiny_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def _flow_runs(api: str, deployment: str) -> list[dict]:
-    reply = httpx.post(f"{api}/flow_runs/filter", timeout=10,
-                       json={"deployments": {"id": {"any_": [deployment]}},
-                             "sort": "EXPECTED_START_TIME_ASC"})
-    reply.raise_for_status()
-    return reply.json()
+    return _post_retrying(f"{api}/flow_runs/filter",
+                          {"deployments": {"id": {"any_": [deployment]}},
+                           "sort": "EXPECTED_START_TIME_ASC"}).json()
 
 
 def _post_retrying(url: str, body: dict, attempts: int = 20) -> httpx.Response:
@@ -211,9 +209,8 @@ def test_served_deployment_runs_tiny_pipeline_in_its_own_folder(tmp_path):
 
             # a bad key: the run fails at once, naming it, and writes no folder
             t3 = time.monotonic()
-            bad = httpx.post(f"{api}/deployments/{deployment}/create_flow_run", timeout=10,
-                             json={"parameters": {"overrides": {"straighten.iterationz": 1}}})
-            bad.raise_for_status()
+            bad = _post_retrying(f"{api}/deployments/{deployment}/create_flow_run",
+                                 {"parameters": {"overrides": {"straighten.iterationz": 1}}})
             bad_run = _wait_terminal(api, bad.json()["id"], timeout=60)
             timings["bad_run"] = time.monotonic() - t3
             assert bad_run["state"]["type"] == "FAILED", bad_run["state"]
