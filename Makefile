@@ -33,26 +33,26 @@ install: $(STAMP)
 # The embedded digits are written byte-for-byte as data.dvc records them, so a fresh clone
 # needs no DVC remote; then DVC runs what is out of date.
 run: install
-	$(PY) -m tasks.embed --root data
+	$(PY) -m tasks.cli.embed --root data
 	dvc repro $(RUN_ARGS)
 	@cat results/metrics.md
 	@echo "Results: results/ (dvc metrics show, dvc plots show); MLflow: make ui"
 
 run-paper: install
-	$(PY) -m tasks.embed --root data
-	dvc exp run $$($(PY) -m tasks.profile params.paper.yaml --dvc-args) $(RUN_ARGS)
+	$(PY) -m tasks.cli.embed --root data
+	dvc exp run $$($(PY) -m tasks.cli.profile params.paper.yaml --dvc-args) $(RUN_ARGS)
 
 demo: install
 	$(PY) -m boss_core.demo $(RUN_ARGS)
 
 ui: install
-	$(PY) -m tasks.ui --port $(UI_PORT)
+	$(PY) -m tasks.cli.ui --port $(UI_PORT)
 
 prefect: install
 	$(PY) -m flows.local_server --serve
 
 sample: install
-	$(PY) -m tasks.sample --method boss --nfe 2 --n 64 --seed 0 --out samples
+	$(PY) -m tasks.cli.sample --method boss --nfe 2 --n 64 --seed 0 --out samples
 
 lint: install
 	$(VENV)/bin/ruff check .

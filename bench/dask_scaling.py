@@ -10,7 +10,7 @@ timings do not depend on the weights):
    Gram cost sums; trajectories per second) over M samples in seed-range shards:
    in-process with 2 torch threads and with 1 (``map_shards`` with runner "local"), and on a
    real Dask cluster (``dask scheduler`` + 1, then 2, ``dask worker`` processes of one thread
-   on 127.0.0.1, reporting to one Prefect server) through ``tasks.shards.map_shards`` with
+   on 127.0.0.1, reporting to one Prefect server) through ``tasks.runtime.shards.map_shards`` with
    ``ScaleConfig(runner="dask", dask_address=...)``, exactly as the pipeline maps them.
    Cluster start-up is excluded: a warm-up map runs before each timed one. Times are the best
    of R runs (all runs are printed). The CPU seconds of the scheduler, the workers, the Prefect
@@ -86,7 +86,7 @@ from boss_core.shards import (  # noqa: E402
     shard_ranges,
 )
 from flows.local_server import free_port, prefect_server, stop_process  # noqa: E402
-from tasks.shards import map_shards  # noqa: E402
+from tasks.runtime.shards import map_shards  # noqa: E402
 
 SHAPE = (1, 8, 8)
 NFES = (2, 4, 8)

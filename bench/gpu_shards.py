@@ -9,7 +9,7 @@ worker processes mapping ``boss_core.shards.cost_shard`` over seed ranges (raw D
 device machine has no Prefect). It prints paths per second, the ratio to one worker and to the
 in-process run, and the largest relative difference of the merged cost sum from the
 in-process one (shards are whole batches, so it should be ~1e-16). Cluster start-up is
-excluded (one warm-up map first). Workers get ``tasks.shards.WORKER_ENV`` (the malloc
+excluded (one warm-up map first). Workers get ``tasks.runtime.shards.WORKER_ENV`` (the malloc
 setting the pipeline gives them) unless ``--no-malloc-fix``. Needs dask and distributed.
 """
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boss_core.models import ModelConfig, build_model  # noqa: E402
 from boss_core.shards import cost_shard, merge_costs, shard_ranges  # noqa: E402
-from tasks.shards import WORKER_ENV  # noqa: E402
+from tasks.runtime.shards import WORKER_ENV  # noqa: E402
 
 SHAPE = (1, 8, 8)
 
@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--shard", type=int, default=256, help="samples per shard")
     p.add_argument("--no-malloc-fix", dest="malloc_fix", action="store_false",
-                   help="leave out tasks.shards.WORKER_ENV (MALLOC_MMAP_THRESHOLD_) on workers")
+                   help="leave out tasks.runtime.shards.WORKER_ENV "
+                        "(MALLOC_MMAP_THRESHOLD_) on workers")
     args = p.parse_args(argv)
     print(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, cuda: "

@@ -15,7 +15,8 @@ process, so pairs and samples are bit-identical and the cost sum differs only by
 float64 additions (relative 1e-15 per entry). Unaligned shards change batch compositions, which
 moves float32 network outputs by a few ulp (see tests/test_dask.py for the tolerance).
 
-Everything here is a plain function of tensors and modules; ``tasks/shards.py`` maps the shard
+Everything here is a plain function of tensors and modules;
+``tasks/runtime/shards.py`` maps the shard
 functions over a Prefect task runner (in-process, or Dask).
 """
 

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
               "lives only as long as this process (see python -m flows.local_server --serve)",
               file=sys.stderr)
     from flows.pipeline import boss_pipeline
-    from tasks.params import ParamsError, load_params
-    from tasks.tracking import check_prefect_api, check_tracking_server
-    from tasks.workspace import repo_root
+    from tasks.runtime.params import ParamsError, load_params
+    from tasks.runtime.tracking import check_prefect_api, check_tracking_server
+    from tasks.runtime.workspace import repo_root
 
     try:  # a broken params file or an unreachable service fails here, not in every run
         load_params(args.params_file)

@@ -5,7 +5,7 @@
 Runs ``sweep.search_samples`` N-step uniform Euler teacher paths (N = sweep.n_steps) in batches
 of ``sweep.batch_size``, accumulating c(i, j), the mean squared error of one Euler jump from
 grid point i to j. Memory is bounded by the batch. The paths are split into seed-range shards
-mapped on the ``scale`` runner (in-process, or Dask: see tasks/shards.py); the matrix is the
+mapped on the ``scale`` runner (in-process, or Dask: see tasks/runtime/shards.py); the matrix is the
 merge of the shards' float64 sums. Writes outputs/cost/cost.safetensors (the
 float64 sum and the sample count, so shards merge exactly) and summary.json.
 """
@@ -18,25 +18,14 @@ import time
 import numpy as np
 import torch
 
-from boss_core.seeds import sample_noise
 from boss_core.shards import cost_shard, merge_costs
 
-from .artifacts import load_prepared, load_teacher
-from .io import save_tensors, write_json
-from .shards import map_shards, portable, shard_plan
-from .step import StepContext, main, prefect_task
+from .runtime.artifacts import load_prepared, load_teacher
+from .runtime.io import save_tensors, write_json
+from .runtime.shards import map_shards, portable, shard_plan
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "cost", ("sweep", "run")
-
-
-def search_inputs(ctx: StepContext):
-    """(teacher, noise): the teacher on the run's device and the ``sweep.search_samples``
-    search noises (seed ``sweep.seed + 1``), shared by the cost matrix and the global search."""
-    s = ctx.params.sweep
-    shape = load_prepared(ctx.ws).data_shape
-    teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
-    device = next(teacher.parameters()).device
-    return teacher, sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
 
 
 def run(ctx: StepContext) -> dict:

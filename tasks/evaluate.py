@@ -5,7 +5,8 @@
 Images are scored with FID and KID in the feature network's space (torch-fidelity), 2-D sets
 with sliced Wasserstein distance and MMD; every row also gets the end-point RMSE against the
 N-step teacher from the same noises (so the teacher's own row is exactly 0). The samples
-are drawn in seed-range shards on the ``scale`` runner (tasks/shards.py) and scored together.
+are drawn in seed-range shards on the ``scale`` runner
+(tasks/runtime/shards.py) and scored together.
 Writes results/metrics.json {method: {"nfe_K": {fid, fid_std, kid, kid_std, endpoint_rmse,
 n_samples, n_seeds}}}, results/costs.json (training iterations, wall seconds, trainable
 parameters and search calls per row) and 64 samples per row for the report's grids.
@@ -33,7 +34,7 @@ from boss_core.sweep import (
     sampled_rows,
 )
 
-from .artifacts import (
+from .runtime.artifacts import (
     is_image_data,
     load_prepared,
     load_schedules,
@@ -41,9 +42,9 @@ from .artifacts import (
     load_teacher,
     student_dir,
 )
-from .io import read_json, save_tensors, write_json
-from .shards import map_shards, portable, shard_plan
-from .step import StepContext, main, prefect_task
+from .runtime.io import read_json, save_tensors, write_json
+from .runtime.shards import map_shards, portable, shard_plan
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "evaluate", ("sweep", "fidelity", "run")
 GRID_SAMPLES = 64

@@ -13,10 +13,9 @@ import sys
 
 from boss_core.features import save_feature_net, train_feature_net
 
-from .artifacts import dataset_file, is_image_data, load_prepared
-from .io import write_json
-from .prepare import check_classifier_labels
-from .step import StepContext, main, prefect_task
+from .runtime.artifacts import check_classifier_labels, dataset_file, is_image_data, load_prepared
+from .runtime.io import write_json
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "features", ("data", "features", "fidelity")
 

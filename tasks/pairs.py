@@ -6,7 +6,7 @@ For every K: the teacher's chords along the searched schedule (boss, boss_lora) 
 uniform grid (distill_uniform): inputs x_{t_k} (the teacher's state), times t_k and targets
 (x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k). Plus reflow pairs (noise, N-step end point) when
 reflow_uniform is run. ``sweep.pair_samples`` noises, seeded per sample, in seed-range shards
-on the ``scale`` runner (tasks/shards.py), concatenated in seed order.
+on the ``scale`` runner (tasks/runtime/shards.py), concatenated in seed order.
 Writes outputs/pairs/pairs.safetensors: tensors "<group>.nfe_K.<field>" and "reflow.<field>".
 """
 
@@ -16,21 +16,16 @@ import sys
 
 import torch
 
-from boss_core.pairs import ChordPairs, ReflowPairs
 from boss_core.shards import merge_pairs, pairs_shard
 
-from .artifacts import load_prepared, load_schedules, load_teacher
-from .io import load_tensors, save_tensors
-from .shards import map_shards, portable, shard_plan
-from .step import StepContext, main, prefect_task
+from .runtime.artifacts import load_prepared, load_schedules, load_teacher, pairs_file
+from .runtime.io import save_tensors
+from .runtime.shards import map_shards, portable, shard_plan
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "pairs", ("sweep", "run")
 # which chords each trained method learns
 GROUPS = {"boss": ("boss", "boss_lora"), "distill_uniform": ("distill_uniform",)}
-
-
-def pairs_file(ctx_ws):
-    return ctx_ws.step(NAME) / "pairs.safetensors"
 
 
 def run(ctx: StepContext) -> dict:
@@ -63,17 +58,6 @@ def run(ctx: StepContext) -> dict:
     count = {key: len(p) for key, p in chords.items()}
     return {"chord_sets": len(count), "chord_pairs": sum(count.values()),
             "reflow_pairs": 0 if ends is None else len(ends)}
-
-
-def load_pairs(ws, group: str, nfe: int | None = None):
-    """``ChordPairs`` for (group, K), or ``ReflowPairs`` when group == "reflow"."""
-    tensors, _ = load_tensors(pairs_file(ws))
-    if group == "reflow":
-        return ReflowPairs(*(tensors[f"reflow.{f}"] for f in ("z", "x1", "sample")))
-    prefix = f"{group}.nfe_{nfe}"
-    if f"{prefix}.x" not in tensors:
-        raise ValueError(f"no pairs for {prefix} in {pairs_file(ws)}: rerun the pairs step")
-    return ChordPairs(*(tensors[f"{prefix}.{f}"] for f in ("x", "t", "target", "sample")))
 
 
 task = prefect_task(NAME, run, SECTIONS)

@@ -19,10 +19,10 @@ import torch
 
 from boss_core.data import TensorData
 
-from .artifacts import is_image_data
-from .io import save_tensors, write_json
-from .params import Params, ParamsError
-from .step import StepContext, main, prefect_task
+from .runtime.artifacts import check_classifier_labels, is_image_data
+from .runtime.io import save_tensors, write_json
+from .runtime.params import Params, ParamsError
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "prepare", ("data",)
 
@@ -41,7 +41,7 @@ def run(ctx: StepContext) -> dict:
     out = ctx.ws.step(NAME)
     save_tensors(out / "dataset.safetensors", tensors, meta)
     write_json(out / "summary.json", meta)
-    from .plots import sample_grid
+    from .runtime.plots import sample_grid
 
     sample_grid(x[:64], out / "real_samples.png", title=f"{data.name}: real samples")
     ctx.log_artifact(out / "real_samples.png", "figures")
@@ -62,21 +62,6 @@ def check_dataset(params: Params, data: TensorData, x: torch.Tensor, where: str)
     check_classifier_labels(params, data, where)
     if "boss_lora" in params.sweep.methods:
         check_lora_rank_for(params, tuple(data.data_shape))
-
-
-def check_classifier_labels(params: Params, data: TensorData, where: str) -> None:
-    """Image data scored with ``fidelity.extractor: classifier`` needs two or more classes:
-    the FID feature network is a classifier trained on them (one class teaches it nothing)."""
-    if not is_image_data(data.data_shape) or params.fidelity.extractor != "classifier":
-        return
-    n_classes = 0 if data.y is None else int(torch.unique(data.y).numel())
-    if n_classes < 2:
-        found = "has no labels" if data.y is None else "has a single class"
-        raise ParamsError(
-            f"fidelity.extractor='classifier' trains the FID feature network on the labels, "
-            f"but data {where} ({params.data.name}) {found}: set fidelity.extractor=inception "
-            "(with fidelity.inception_weights, a local InceptionV3 file) or give labelled data "
-            "(image_folder with one class folder per label, or labels.npy beside images.npy)")
 
 
 def check_inception_file(ctx: StepContext, data: TensorData) -> None:

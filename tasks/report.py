@@ -17,10 +17,10 @@ import numpy as np
 from boss_core.cost import CostMatrix
 from boss_core.sweep import TRAINED, metrics_frame
 
-from . import plots
-from .artifacts import load_schedules
-from .io import load_tensors, read_json, write_text
-from .step import StepContext, main, prefect_task
+from .runtime import plots
+from .runtime.artifacts import load_schedules
+from .runtime.io import load_tensors, read_json, write_text
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = ("report", ("sweep", "run"))
 

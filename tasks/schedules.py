@@ -23,10 +23,9 @@ from boss_core.pairs import uniform_on_grid
 from boss_core.presets import PRESETS
 from boss_core.velocity import NFECounter
 
-from .artifacts import schedules_file, schedules_to_dict
-from .cost import search_inputs
-from .io import load_tensors, write_json
-from .step import StepContext, main, prefect_task
+from .runtime.artifacts import schedules_file, schedules_to_dict, search_inputs
+from .runtime.io import load_tensors, write_json
+from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "schedules", ("sweep", "run")
 

@@ -10,13 +10,13 @@ All see the same pairs budget and ``straighten`` settings. A method left out of
 checkpoints/straighten/<method>/<nfe_K|shared>/<params hash>/ and a killed run resumes from them
 bit-identically (CPU); they are kept until every model file of the method is written, so a
 run killed while training K=4 does not retrain K=1 and K=2 (tests/test_faults.py kills it at
-the fault point ``straighten.checkpoint``, see tasks/faults.py).
+the fault point ``straighten.checkpoint``, see tasks/runtime/faults.py).
 
 Writes outputs/students/<method>/nfe_K/{model.safetensors, schedule.json, losses.csv} and
 costs.json; each model is logged to MLflow and registered as "<experiment>-<method>-nfe<K>"
 with its schedule attached.
 
-Under torchrun (``python -m tasks.launch straighten ...`` with ``scale`` asking for several
+Under torchrun (``python -m tasks.runtime.launch straighten ...`` with ``scale`` asking for several
 processes; WORLD_SIZE > 1 in the environment) every rank joins the process group (gloo on the
 CPU, NCCL on ``cuda:LOCAL_RANK``) and trains its share of each global batch; rank 0 alone
 makes the MLflow run, writes outputs/ and checkpoints/, registers the models and clears the
@@ -38,12 +38,11 @@ from boss_core.pairs import holdout_mask
 from boss_core.straighten import straighten, trainable_copy
 from boss_core.sweep import TRAINED
 
-from .artifacts import load_schedules, load_teacher, student_dir, teacher_file
-from .faults import fault_point
-from .io import atomic_path, load_tensors, save_model, write_json
-from .pairs import load_pairs
-from .step import StepContext, main, prefect_task
-from .tracking import register_model
+from .runtime.artifacts import load_pairs, load_schedules, load_teacher, student_dir, teacher_file
+from .runtime.faults import fault_point
+from .runtime.io import atomic_path, load_tensors, save_model, write_json
+from .runtime.step import StepContext, main, prefect_task
+from .runtime.tracking import register_model
 
 log = logging.getLogger("boss")
 NAME, SECTIONS = "straighten", ("model", "teacher", "sweep", "straighten", "run")

@@ -7,7 +7,7 @@ With ``model.weights`` set, the named state_dict is loaded into the network ``mo
 teacher trains from scratch, checkpointing every ``teacher.log_every`` steps to
 checkpoints/teacher/<params hash>/teacher.pt (atomically) and resuming from there after a crash:
 the resumed weights are bit-identical on the CPU to an uninterrupted run's (tests/test_faults.py
-kills it at the fault point ``teacher.checkpoint``, see tasks/faults.py).
+kills it at the fault point ``teacher.checkpoint``, see tasks/runtime/faults.py).
 Writes outputs/teacher/model.safetensors (EMA weights + config) and losses.csv.
 """
 
@@ -24,10 +24,10 @@ import torch
 from boss_core.models import build_model, count_parameters
 from boss_core.teacher import train_teacher
 
-from .artifacts import load_prepared, teacher_file
-from .faults import fault_point
-from .io import atomic_path, save_model, write_json
-from .step import StepContext, main, prefect_task
+from .runtime.artifacts import load_prepared, teacher_file
+from .runtime.faults import fault_point
+from .runtime.io import atomic_path, save_model, write_json
+from .runtime.step import StepContext, main, prefect_task
 
 log = logging.getLogger("boss")
 NAME, SECTIONS = "teacher", ("data", "model", "teacher")
@@ -102,7 +102,7 @@ def run(ctx: StepContext) -> dict:
     save_model(teacher_file(ctx.ws), result.ema_model, config, data.data_shape)
     with atomic_path(out / "losses.csv") as tmp:
         np.savetxt(tmp, result.losses, delimiter=",", header="step,loss", comments="")
-    from .plots import loss_curves
+    from .runtime.plots import loss_curves
 
     loss_curves({"teacher": result.losses}, out / "loss.png", title="teacher training loss")
     ctx.log_artifact(out / "loss.png", "figures")

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flows.local_server import free_port, prefect_server, stop_process
-from tasks.shards import WORKER_ENV
+from tasks.runtime.shards import WORKER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -50,10 +50,10 @@ def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml",
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     if profile:
-        run([sys.executable, "-m", "tasks.profile", profile, "--write", "params.yaml"], dest)
+        run([sys.executable, "-m", "tasks.cli.profile", profile, "--write", "params.yaml"], dest)
     if not embed_and_commit:
         return dest
-    run([sys.executable, "-m", "tasks.embed"], dest)
+    run([sys.executable, "-m", "tasks.cli.embed"], dest)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         run(cmd, dest)

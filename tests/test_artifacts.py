@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from boss_core.models import ModelConfig, build_model
-from tasks.artifacts import build_from_meta, model_builder
-from tasks.io import load_model, save_model
+from tasks.runtime.artifacts import build_from_meta, model_builder
+from tasks.runtime.io import load_model, save_model
 
 
 def _saved(tmp_path, config: ModelConfig):

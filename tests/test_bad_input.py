@@ -2,7 +2,7 @@
 and nothing is written: each row of RELIABILITY.md is a test here (or in test_params.py).
 
 The data rows run the prepare step (the first stage) in-process on a throwaway workspace:
-``tasks.step.main`` must return 2, its log must name the file / folder / key, and
+``tasks.runtime.step.main`` must return 2, its log must name the file / folder / key, and
 outputs/prepare must hold exactly the stale file put there before (same bytes, nothing new).
 """
 
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import prepare, step
-from tasks.params import ParamsError, load_params
+from tasks import prepare
+from tasks.runtime import step
+from tasks.runtime.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STALE = b"a previous run's dataset file"
@@ -39,7 +40,7 @@ def ws(tmp_path, monkeypatch, mlflow_uri, caplog):
     for key in ("PREFECT_API_URL", "BOSS_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    from tasks.embed import write_digits
+    from tasks.cli.embed import write_digits
 
     write_digits(tmp_path / "data")
     (tmp_path / "outputs" / "prepare").mkdir(parents=True)

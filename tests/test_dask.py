@@ -2,7 +2,7 @@
 
 The cluster is ``dask scheduler`` + 2 ``dask worker`` processes on 127.0.0.1, reached by
 address (tests/dask_helpers.py), and the shards are Prefect tasks on prefect-dask's
-``DaskTaskRunner`` (tasks/shards.py), exactly as the pipeline maps them.
+``DaskTaskRunner`` (tasks/runtime/shards.py), exactly as the pipeline maps them.
 
 Tolerances:
 - Shards on batch boundaries: every network call sees the batch it sees in one process, so
@@ -48,7 +48,7 @@ from boss_core.shards import (
     sample_shard,
     shard_ranges,
 )
-from tasks.shards import map_shards
+from tasks.runtime.shards import map_shards
 
 pytestmark = pytest.mark.slow
 

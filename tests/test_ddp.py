@@ -37,8 +37,8 @@ from pipeline_helpers import ROOT, env
 from boss_core.distributed import Dist
 from boss_core.models import ModelConfig, build_model
 from boss_core.straighten import CHECKPOINT_NAME, StraightenConfig, straighten, trainable_copy
-from tasks import launch
-from tasks.launch import build_command, free_port
+from tasks.runtime import launch
+from tasks.runtime.launch import build_command, free_port
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")

@@ -8,7 +8,7 @@ import json
 import pytest
 from pipeline_helpers import BIN, copy_repo, run
 
-from tasks.io import load_tensors
+from tasks.runtime.io import load_tensors
 
 pytestmark = pytest.mark.slow
 

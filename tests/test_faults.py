@@ -1,4 +1,4 @@
-"""Nothing is lost to a SIGKILL: tasks/faults.py kills a step at a chosen point (after k
+"""Nothing is lost to a SIGKILL: tasks/runtime/faults.py kills a step at a chosen point (after k
 checkpoints, between an artifact's temporary file and its rename), then the earlier outputs
 must be intact, no half-written artifact visible, and a rerun must resume from the last
 checkpoint and give the bytes of an uninterrupted run (CPU, same seeds).
@@ -22,8 +22,8 @@ import pytest
 import torch
 from pipeline_helpers import ROOT, copy_repo, env, run
 
-from tasks import faults
-from tasks import io as tio
+from tasks.runtime import faults
+from tasks.runtime import io as tio
 
 KILLED = -signal.SIGKILL
 TEMP = re.compile(r"^\..+\.\d+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?\.tmp$")
@@ -63,7 +63,7 @@ def test_fault_point_is_a_no_op_without_the_variable(monkeypatch):
 
 
 def test_fault_point_kills_on_the_nth_visit_of_its_point_only(tmp_path):
-    code = ("from tasks.faults import fault_point\n"
+    code = ("from tasks.runtime.faults import fault_point\n"
             "for i in range(5):\n"
             "    print(i, flush=True)\n"
             "    fault_point('artifact.write', 'a.json')\n"
@@ -82,7 +82,7 @@ def test_killed_atomic_write_keeps_the_old_file_and_the_next_write_sweeps_its_te
     tio.write_json(target, {"old": 1})
     old = target.read_bytes()
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-            f"from tasks.io import write_json\n"
+            f"from tasks.runtime.io import write_json\n"
             f"write_json({str(target)!r}, {{'new': 2}})\n")
     done = python(code, tmp_path, BOSS_FAULT="artifact.write:1")
     assert done.returncode == KILLED, done.stderr[-2000:]

@@ -29,7 +29,7 @@ from flows.pipeline import (
     prepare_run,
     straighten_command,
 )
-from tasks.params import ParamsError, parse_override
+from tasks.runtime.params import ParamsError, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",

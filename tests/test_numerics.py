@@ -12,10 +12,10 @@ import torch
 
 from boss_core.models import ModelConfig, build_model
 from tasks import cost
-from tasks.io import save_model, save_tensors, write_json
-from tasks.params import load_params
-from tasks.step import execute
-from tasks.workspace import Workspace
+from tasks.runtime.io import save_model, save_tensors, write_json
+from tasks.runtime.params import load_params
+from tasks.runtime.step import execute
+from tasks.runtime.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 

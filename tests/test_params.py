@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.params import SECTIONS, ParamsError, apply_overrides, load_params, parse_override
-from tasks.profile import main as profile_main
+from tasks.cli.profile import main as profile_main
+from tasks.runtime.params import SECTIONS, ParamsError, apply_overrides, load_params, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"

@@ -13,8 +13,8 @@ import yaml
 from pipeline_helpers import ROOT, copy_repo, run
 
 from boss_core.models import ModelConfig, build_model
-from tasks.artifacts import load_teacher, model_builder
-from tasks.workspace import Workspace
+from tasks.runtime.artifacts import load_teacher, model_builder
+from tasks.runtime.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_pretrained_diffusers_style_model_runs_through_the_stages(tmp_path):
     with pytest.raises(ValueError, match="names code to import"):
         load_teacher(Workspace.at(repo), "cpu", None)  # not trusted without params' path
     student = repo / "outputs/students/boss/nfe_2/model.safetensors"
-    from tasks.io import load_model
+    from tasks.runtime.io import load_model
 
     model, meta = load_model(student, model_builder("byo_models:TinyDiffusersNet"))
     assert meta["model_config"]["import_path"] == "byo_models:TinyDiffusersNet"

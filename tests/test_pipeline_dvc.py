@@ -107,10 +107,10 @@ def test_dvc_push_works_out_of_the_box(repo):
 
 def test_sample_from_the_registered_model(repo, tmp_path):
     out = tmp_path / "samples"
-    run([sys.executable, "-m", "tasks.sample", "--registry", "boss-tiny-boss-nfe2", "--n", "16",
+    run([sys.executable, "-m", "tasks.cli.sample", "--registry", "boss-tiny-boss-nfe2", "--n", "16",
          "--seed", "3", "--out", str(out)], repo)
     local = tmp_path / "local"
-    run([sys.executable, "-m", "tasks.sample", "--method", "boss", "--nfe", "2", "--n", "16",
+    run([sys.executable, "-m", "tasks.cli.sample", "--method", "boss", "--nfe", "2", "--n", "16",
          "--seed", "3", "--out", str(local)], repo)
     import numpy as np
 

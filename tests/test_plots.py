@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from tasks import plots
+from tasks.runtime import plots
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 

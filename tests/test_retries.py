@@ -24,9 +24,9 @@ def test_a_flaky_read_is_retried_and_bad_input_is_not(tmp_path, monkeypatch):
     from prefect import flow
 
     from boss_core.data import DataConfig
-    from tasks.embed import write_digits
-    from tasks.params import load_params
-    from tasks.workspace import Workspace
+    from tasks.cli.embed import write_digits
+    from tasks.runtime.params import load_params
+    from tasks.runtime.workspace import Workspace
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     write_digits(tmp_path / "data")

@@ -1,4 +1,4 @@
-"""tasks.sample: sampling a straightened model from a folder, the MLflow registry and the CLI."""
+"""tasks.cli.sample: sampling a straightened model from a folder, the MLflow registry, the CLI."""
 
 import os
 from pathlib import Path
@@ -13,8 +13,8 @@ from boss_core.presets import uniform_schedule
 from boss_core.sampling import euler_sample
 from boss_core.schedule import Schedule
 from boss_core.seeds import sample_noise
-from tasks import sample as S
-from tasks.io import MODEL_FORMAT, save_model, save_tensors, write_json
+from tasks.cli import sample as S
+from tasks.runtime.io import MODEL_FORMAT, save_model, save_tensors, write_json
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 CONFIG = ModelConfig(arch="mlp", hidden=32, depth=1)
@@ -151,7 +151,7 @@ def registry(tmp_path_factory):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from tasks.tracking import register_model
+    from tasks.runtime.tracking import register_model
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -104,7 +104,7 @@ def test_two_node_torchrun_matches_the_two_process_stage(stand_ins):
     before = {k: load_file(repo / f"outputs/students/{method}/nfe_{k}/model.safetensors")
               for k in (1, 2)}
     endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "tasks.launch", "straighten", "--method", method,
+    cmd = [sys.executable, "-m", "tasks.runtime.launch", "straighten", "--method", method,
            "--set", "scale.nnodes=2", "--set", "scale.nproc_per_node=1",
            "--set", f"scale.rdzv_endpoint={endpoint}", "--set", "scale.rdzv_id=two-nodes"]
     nodes = [subprocess.Popen(cmd, cwd=repo, env=env(**extra), stdout=subprocess.PIPE,

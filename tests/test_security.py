@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tasks.params import load_params
+from tasks.runtime.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("boss_core", "tasks", "flows", "bench") for p in (ROOT / d).rglob("*.py")]
@@ -23,9 +23,9 @@ def test_no_shell_true_anywhere():
 def test_servers_bind_to_localhost_by_default():
     for path in SOURCES:
         assert "0.0.0.0" not in path.read_text(), path
-    ui = (ROOT / "tasks/ui.py").read_text()
+    ui = (ROOT / "tasks/cli/ui.py").read_text()
     assert 'default="127.0.0.1"' in ui
-    server = (ROOT / "flows/local_server.py").read_text()
+    server = (ROOT / "tasks/runtime/servers.py").read_text()
     assert '"127.0.0.1"' in server and "--host" in server
     makefile = (ROOT / "Makefile").read_text()
     assert "0.0.0.0" not in makefile

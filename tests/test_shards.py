@@ -11,7 +11,7 @@ from boss_core.cost import cost_matrix
 from boss_core.seeds import sample_noise
 from boss_core.shards import aligned, cost_shard, merge_costs, shard_ranges
 from flows.local_server import free_port
-from tasks.shards import check_scheduler, dask_address, map_shards
+from tasks.runtime.shards import check_scheduler, dask_address, map_shards
 
 
 @pytest.mark.parametrize("total,size,batch,workers", [

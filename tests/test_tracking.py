@@ -8,7 +8,7 @@ import time
 import mlflow
 import pytest
 
-from tasks import tracking
+from tasks.runtime import tracking
 
 
 @pytest.fixture

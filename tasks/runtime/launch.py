@@ -1,6 +1,6 @@
 """Run a fine-tuning step on as many processes as params.yaml's ``scale`` section asks for.
 
-    python -m tasks.launch straighten --method boss [--params params.yaml] [--set k=v ...]
+    python -m tasks.runtime.launch straighten --method boss [--params params.yaml] [--set k=v ...]
         [--out DIR]
 
 With ``scale.nnodes * scale.nproc_per_node == 1`` this is ``python -m tasks.straighten`` with
@@ -18,7 +18,7 @@ workers (Ctrl-C reaches it from the terminal).
 
 Several nodes: start the same command, in the same checkout and params, on every node, e.g.
 
-    python -m tasks.launch straighten --method boss --set scale.nnodes=2 \\
+    python -m tasks.runtime.launch straighten --method boss --set scale.nnodes=2 \\
         --set scale.nproc_per_node=4 --set scale.rdzv_endpoint=node0:29400
 
 ``rdzv_endpoint`` must be reachable from every node (the first node to arrive that runs on
@@ -105,7 +105,7 @@ def run_child(cmd: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="python -m tasks.launch", description=__doc__, allow_abbrev=False,
+        prog="python -m tasks.runtime.launch", description=__doc__, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other arguments go to the step unchanged (python -m tasks.straighten --help).")
     p.add_argument("step", choices=STEPS, help="the step to run")

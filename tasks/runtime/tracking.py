@@ -280,7 +280,7 @@ def register_model(client, run_id: str, name: str, artifact_path: str,
     try:
         client.create_registered_model(name, description=(
             "A BOSS-straightened velocity model: model.safetensors (weights + config in its "
-            "metadata) and schedule.json. Load with `python -m tasks.sample --registry NAME`."))
+            "metadata) and schedule.json. Load with `python -m tasks.cli.sample --registry NAME`."))
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
             raise

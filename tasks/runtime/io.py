@@ -80,7 +80,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
 
     ``suffix`` keeps an extension some writers insist on (e.g. ".png"). The first call of a
     process in a folder sweeps stale temporaries there (module doc). The fault point
-    ``artifact.write`` (tasks/faults.py) sits between the finished temporary and the rename.
+    ``artifact.write`` (tasks/runtime/faults.py) sits between the finished temporary and the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

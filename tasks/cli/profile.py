@@ -1,7 +1,7 @@
 """Parameter profiles: a flat YAML of ``section.key: value`` overrides on top of params.yaml.
 
-    python -m tasks.profile params.paper.yaml --dvc-args       # "-S key=value ..." for dvc exp run
-    python -m tasks.profile tests/profiles/tiny.yaml --write params.yaml   # merge in place
+    python -m tasks.cli.profile params.paper.yaml --dvc-args  # "-S key=value ..." for dvc exp run
+    python -m tasks.cli.profile tests/profiles/tiny.yaml --write params.yaml   # merge in place
 
 Every key is checked (the merged params must load) before anything is printed or written.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .io import write_text
-from .params import ParamsError, apply_overrides, build_params, read_yaml
+from ..runtime.io import write_text
+from ..runtime.params import ParamsError, apply_overrides, build_params, read_yaml
 
 
 def read_profile(path: str | Path) -> dict:
@@ -33,7 +33,7 @@ def _inline(value) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.profile", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tasks.cli.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("profile", help="flat YAML of section.key: value")
     parser.add_argument("--params", default="params.yaml", help="the base params file")

@@ -9,7 +9,8 @@ OOM killer would) the ``n``-th time (1-based) this process reaches ``<point>``. 
                               place (n = 2: killed after the second checkpoint)
     straighten.checkpoint     tasks/straighten.py, right after boss_core.straighten saved
                               ``straighten.pt`` (counted over every K of the method)
-    artifact.write            tasks/io.py ``atomic_path``, after the block wrote the temporary
+    artifact.write            tasks/runtime/io.py ``atomic_path``, after the block wrote the
+                              temporary
                               file and before the rename that makes it visible (mid-artifact);
                               counts every atomic write of the process
     artifact.write/<name>     the same, counting only writes of files called ``<name>``

@@ -1,8 +1,8 @@
 """Sample from a straightened model: K Euler steps on the schedule it was trained for.
 
-    python -m tasks.sample --method boss --nfe 2 [--outputs outputs] [--n 64] [--seed 0]
+    python -m tasks.cli.sample --method boss --nfe 2 [--outputs outputs] [--n 64] [--seed 0]
                            [--out samples] [--device auto] [--batch-size 256]
-    python -m tasks.sample --registry boss-boss-nfe2[/VERSION|@ALIAS] [--n 64] [--seed 0]
+    python -m tasks.cli.sample --registry boss-boss-nfe2[/VERSION|@ALIAS] [--n 64] [--seed 0]
                            [--out samples] [--device auto] [--batch-size 256]
 
 The first form reads ``<outputs>/students/<method>/nfe_<K>/`` (model.safetensors +
@@ -40,9 +40,9 @@ from boss_core.sampling import euler_sample
 from boss_core.schedule import Schedule
 from boss_core.seeds import sample_noise
 
-from .artifacts import build_from_meta, model_builder
-from .io import atomic_path, load_model, load_tensors, read_json
-from .workspace import repo_root
+from ..runtime.artifacts import build_from_meta, model_builder
+from ..runtime.io import atomic_path, load_model, load_tensors, read_json
+from ..runtime.workspace import repo_root
 
 MODEL_FILE, SCHEDULE_FILE = "model.safetensors", "schedule.json"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
@@ -99,7 +99,8 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu", *
                 allow_import: bool = False) -> tuple[nn.Module, Schedule, tuple[int, ...]]:
     """(eval-mode model, schedule, data shape) of a student folder; errors name the file.
 
-    Same files as ``tasks.artifacts.load_student``; the data shape comes from the model file's
+    Same files as ``tasks.runtime.artifacts.load_student``; the data
+    shape comes from the model file's
     metadata. A torch.save / pickle file is refused unread, and a model whose config has arch
     "import" unless ``allow_import`` (rebuilding it imports and calls what the file names).
     FileNotFoundError for a missing folder or file, ValueError for a bad one.
@@ -186,7 +187,7 @@ def _tracking_uri(tracking_uri: str | None) -> str:
         return tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from .tracking import tracking_uri as default_uri
+    from ..runtime.tracking import tracking_uri as default_uri
 
     return default_uri(repo_root())
 
@@ -272,7 +273,7 @@ def write_samples(samples: Tensor, out: str | os.PathLike, label: str, nfe: int,
                   ) -> tuple[Path, Path | None]:
     """Write ``<out>/<label>_nfe<K>_seed<seed>.npy`` and ``.png`` atomically; returns the paths
     (png None when the data shape has no picture: neither images nor 2-D points)."""
-    from .plots import sample_grid
+    from ..runtime.plots import sample_grid
 
     stem = Path(out) / f"{label}_nfe{nfe}_seed{seed}"
     npy, png = stem.with_suffix(".npy"), stem.with_suffix(".png")
@@ -294,13 +295,13 @@ def _safe_label(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.sample",
+        prog="python -m tasks.cli.sample",
         description=(
             "Sample from a straightened model with K Euler steps on its schedule.\n\n"
-            "  python -m tasks.sample --method boss --nfe 2 [--outputs outputs] [--n 64] "
+            "  python -m tasks.cli.sample --method boss --nfe 2 [--outputs outputs] [--n 64] "
             "[--seed 0] [--out samples]\n"
             "      the DVC outputs: <outputs>/students/<method>/nfe_<K>/\n"
-            "  python -m tasks.sample --registry boss-boss-nfe2[/VERSION|@ALIAS] [--n 64] "
+            "  python -m tasks.cli.sample --registry boss-boss-nfe2[/VERSION|@ALIAS] [--n 64] "
             "[--seed 0] [--out samples]\n"
             "      a registered MLflow model version (latest when none is given); store: "
             "MLFLOW_TRACKING_URI,\n      else sqlite:///<repo root>/mlflow.db\n\n"

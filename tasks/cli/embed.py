@@ -1,6 +1,6 @@
 """Write the embedded default data: scikit-learn's digits as ``data/digits/*.npy``.
 
-    python -m tasks.embed [--root data]
+    python -m tasks.cli.embed [--root data]
 
 The bytes are a deterministic function of the installed scikit-learn's copy of the digits, so
 on a fresh clone with no DVC remote the folder matches ``data.dvc`` and ``dvc repro`` accepts
@@ -18,7 +18,7 @@ import numpy as np
 
 from boss_core.data import load_digits_images
 
-from .io import atomic_path
+from ..runtime.io import atomic_path
 
 log = logging.getLogger("boss")
 
@@ -46,7 +46,7 @@ def write_digits(root: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.embed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tasks.cli.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("data"), help="data folder")
     args = parser.parse_args(argv)

@@ -168,7 +168,7 @@ def shared_prefect_api() -> Iterator[None]:
             yield
         return
 
-    from flows.local_server import prefect_server
+    from .servers import prefect_server
 
     with tempfile.TemporaryDirectory(prefix="boss-prefect-") as home, \
             prefect_server(home=home) as url:

@@ -1,6 +1,6 @@
 """Start the MLflow UI on 127.0.0.1 for this repository's tracking store.
 
-    python -m tasks.ui [--port 5000] [--host 127.0.0.1] [--params params.yaml]
+    python -m tasks.cli.ui [--port 5000] [--host 127.0.0.1] [--params params.yaml]
 
 Prints the link straight to the experiment's runs table (http://HOST:PORT/#/experiments/<id>/runs)
 and runs until Ctrl-C. The store is MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db.
@@ -13,13 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-from . import tracking
-from .params import ParamsError, load_params
-from .workspace import repo_root
+from ..runtime import tracking
+from ..runtime.params import ParamsError, load_params
+from ..runtime.workspace import repo_root
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.ui", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tasks.cli.ui", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--host", default="127.0.0.1",

@@ -1,7 +1,8 @@
 """Figures and plot tables for the pipeline (matplotlib Agg; no MLflow or Prefect here).
 
 Every plotting function returns a ``matplotlib.figure.Figure`` and, when ``path`` is given, also
-writes it as a PNG atomically (``tasks.io.atomic_path``: a temporary in the same folder, then
+writes it as a PNG atomically (``tasks.runtime.io.atomic_path``: a temporary in the same folder,
+then
 ``os.replace``).
 Figures are built with ``Figure()`` directly, not ``pyplot``, so nothing is registered in pyplot's
 global figure list: there is nothing to close, and the functions are safe to call from threads.

@@ -87,23 +87,55 @@ def _brief(summary: Mapping[str, Any]) -> str:
     return ("(" + ", ".join(parts) + ")") if parts else ""
 
 
-def prefect_task(name: str, fn: StepFn, sections: Iterable[str], retries: int = 0):
-    """The step as a Prefect task ``task(params, ws) -> summary``.
+class StepTask:
+    """The step as a Prefect task ``task(params, ws) -> summary``, built on first use.
+
+    Importing a step module builds no Prefect object (and does not import Prefect): a DVC
+    stage that runs the step directly never pays for it. Attribute access (``retries``,
+    ``submit``, ``with_options``...) goes to the real ``prefect.Task``.
+    """
+
+    def __init__(self, name: str, fn: StepFn, sections: Iterable[str], retries: int = 0,
+                 options: Mapping[str, Any] | None = None):
+        self.name, self.fn, self.sections = name, fn, tuple(sections)
+        self._retries, self._options, self._task = retries, dict(options or {}), None
+
+    def with_options(self, **options) -> StepTask:
+        return StepTask(self.name, self.fn, self.sections, self._retries,
+                        {**self._options, **options})
+
+    def build(self):
+        if self._task is None:
+            from prefect import task
+            from prefect.cache_policies import NO_CACHE
+
+            name, fn, sections = self.name, self.fn, self.sections
+
+            def run_step(params: Params, ws: Workspace) -> dict:
+                return execute(name, fn, sections, params, ws)
+
+            run_step.__name__ = f"{name}_step"
+            built = task(run_step, name=name, retries=self._retries, retry_delay_seconds=2,
+                         cache_policy=NO_CACHE)
+            self._task = built.with_options(**self._options) if self._options else built
+        return self._task
+
+    def __call__(self, params: Params, ws: Workspace) -> dict:
+        return self.build()(params, ws)
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.build(), attr)
+
+
+def prefect_task(name: str, fn: StepFn, sections: Iterable[str], retries: int = 0) -> StepTask:
+    """The step as a (lazily built) Prefect task ``task(params, ws) -> summary``.
 
     ``retries`` is for steps whose failures are I/O (reading user files, the registry); the
     deterministic math steps keep 0, since rerunning them gives the same error.
     """
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    sections = tuple(sections)
-
-    def run_step(params: Params, ws: Workspace) -> dict:
-        return execute(name, fn, sections, params, ws)
-
-    run_step.__name__ = f"{name}_step"
-    return task(run_step, name=name, retries=retries, retry_delay_seconds=2,
-                cache_policy=NO_CACHE)
+    return StepTask(name, fn, sections, retries)
 
 
 def setup_logging() -> None:

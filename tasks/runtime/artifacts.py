@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from boss_core.data import TensorData
 from boss_core.device import resolve_device
 from boss_core.models import ModelConfig, build_model
+from boss_core.pairs import ChordPairs, ReflowPairs
 from boss_core.schedule import Schedule
+from boss_core.seeds import sample_noise
 
 from .io import load_model, load_tensors, read_json
+from .params import Params, ParamsError
 from .workspace import Workspace
 
 
@@ -96,3 +100,43 @@ def schedules_to_dict(table: dict[str, dict[int, Schedule]]) -> dict:
 
 def is_image_data(shape) -> bool:
     return len(tuple(shape)) == 3
+
+
+def search_inputs(ctx):
+    """(teacher, noise): the teacher on the run's device and the ``sweep.search_samples``
+    search noises (seed ``sweep.seed + 1``), shared by the cost matrix and the global search."""
+    s = ctx.params.sweep
+    shape = load_prepared(ctx.ws).data_shape
+    teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
+    device = next(teacher.parameters()).device
+    return teacher, sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
+
+
+def pairs_file(ws: Workspace) -> Path:
+    return ws.step("pairs") / "pairs.safetensors"
+
+
+def load_pairs(ws, group: str, nfe: int | None = None):
+    """``ChordPairs`` for (group, K), or ``ReflowPairs`` when group == "reflow"."""
+    tensors, _ = load_tensors(pairs_file(ws))
+    if group == "reflow":
+        return ReflowPairs(*(tensors[f"reflow.{f}"] for f in ("z", "x1", "sample")))
+    prefix = f"{group}.nfe_{nfe}"
+    if f"{prefix}.x" not in tensors:
+        raise ValueError(f"no pairs for {prefix} in {pairs_file(ws)}: rerun the pairs step")
+    return ChordPairs(*(tensors[f"{prefix}.{f}"] for f in ("x", "t", "target", "sample")))
+
+
+def check_classifier_labels(params: Params, data: TensorData, where: str) -> None:
+    """Image data scored with ``fidelity.extractor: classifier`` needs two or more classes:
+    the FID feature network is a classifier trained on them (one class teaches it nothing)."""
+    if not is_image_data(data.data_shape) or params.fidelity.extractor != "classifier":
+        return
+    n_classes = 0 if data.y is None else int(torch.unique(data.y).numel())
+    if n_classes < 2:
+        found = "has no labels" if data.y is None else "has a single class"
+        raise ParamsError(
+            f"fidelity.extractor='classifier' trains the FID feature network on the labels, "
+            f"but data {where} ({params.data.name}) {found}: set fidelity.extractor=inception "
+            "(with fidelity.inception_weights, a local InceptionV3 file) or give labelled data "
+            "(image_folder with one class folder per label, or labels.npy beside images.npy)")

@@ -1,0 +1,1 @@
+"""Command-line tools beside the steps: sample, ui, embed, profile (python -m tasks.cli.<name>)."""

@@ -1,0 +1,1 @@
+"""The runtime the steps share: params, files, tracking, shards, launch, faults, plots."""
