@@ -106,6 +106,12 @@ class ScaleConfig(ConfigMixin):
     global batch ``straighten.batch_size`` split across ranks. ``rdzv_endpoint`` ("host:port")
     is the c10d rendezvous of a multi-node job ("" on one node: a free local port); every node
     runs the same command with the same ``rdzv_id``.
+
+    flow_concurrency: how many independent steps the Prefect flow ``flows.pipeline`` runs at
+    once (teacher beside features, the straightening methods beside each other); 1 runs them
+    one after the other in dvc.yaml's order. Each step then gets ``torch.get_num_threads() //
+    flow_concurrency`` intra-op threads (at least 1). ``dvc repro`` runs its stages one at a
+    time whatever this says.
     """
 
     runner: str = "local"
@@ -116,6 +122,7 @@ class ScaleConfig(ConfigMixin):
     nnodes: int = 1
     rdzv_endpoint: str = ""
     rdzv_id: str = "boss"
+    flow_concurrency: int = 1
 
     def __post_init__(self):
         if self.runner not in RUNNERS:
@@ -135,7 +142,7 @@ class ScaleConfig(ConfigMixin):
         if not self.rdzv_id.strip():
             raise ValueError("rdzv_id must be a non-empty name")
         for name, low in (("dask_workers", 1), ("shard_samples", 0), ("nproc_per_node", 1),
-                          ("nnodes", 1)):
+                          ("nnodes", 1), ("flow_concurrency", 1)):
             check_int(name, getattr(self, name), low)
 
     @property
