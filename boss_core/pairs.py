@@ -27,10 +27,8 @@ from tqdm.auto import tqdm
 from .grids import check_n_steps, uniform_grid
 from .sampling import euler_step
 from .schedule import Schedule
-from .seeds import sample_noise, sample_seed
+from .seeds import HOLDOUT_STREAM, sample_noise, sample_seed
 from .velocity import VelocityFn, evaluate_velocity
-
-HOLDOUT_STREAM = 2  # seeds stream that decides the held-out samples
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,6 +10,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# Streams of ``sample_seed``: unrelated random draws under one seed never share a generator.
+NOISE_STREAM = 0    # a sample's starting noise
+STEP_STREAM = 1     # a training step's batch (indices, times, noise, label drop-out)
+HOLDOUT_STREAM = 2  # whether a pair's sample is held out for validation
+
+# Offsets of ``sweep.seed``: the sweep's noise sets, kept apart by their seed.
+SEARCH_OFFSET = 1   # the search paths (cost matrix, global search)
+PAIRS_OFFSET = 2    # the straightening pairs' noises and their hold-out split
+EVAL_OFFSET = 100   # evaluation seed s is sweep.seed + 100 + s (also the report's sample grids)
+
+
+def search_seed(seed: int) -> int:
+    """The seed of the search paths' noises under ``sweep.seed``."""
+    return seed + SEARCH_OFFSET
+
+
+def pairs_seed(seed: int) -> int:
+    """The seed of the straightening pairs' noises (and of their hold-out) under ``sweep.seed``."""
+    return seed + PAIRS_OFFSET
+
+
+def eval_seeds(seed: int, n_seeds: int) -> list[int]:
+    """The evaluation's noise seeds under ``sweep.seed``: seed + 100 + s for s < n_seeds."""
+    return [seed + EVAL_OFFSET + s for s in range(n_seeds)]
+
 
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """A well-mixed 63-bit generator seed for sample ``index`` of ``stream`` under ``seed``.
@@ -53,4 +78,4 @@ def sample_noise(
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator for training step ``step``: resuming at any step replays it exactly."""
-    return torch.Generator(device="cpu").manual_seed(sample_seed(seed, step, stream=1))
+    return torch.Generator(device="cpu").manual_seed(sample_seed(seed, step, stream=STEP_STREAM))

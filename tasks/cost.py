@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from boss_core.seeds import search_seed
 from boss_core.shards import cost_shard, merge_costs
 
 from .runtime.artifacts import load_prepared, load_teacher
@@ -34,8 +35,9 @@ def run(ctx: StepContext) -> dict:
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     shards = shard_plan(scale, s.search_samples, s.batch_size)
     start = time.perf_counter()
-    job = {"velocity": portable(teacher, scale), "data_shape": shape, "seed": s.seed + 1,
-           "n_steps": s.n_steps, "batch_size": s.batch_size, "device": ctx.params.run.device}
+    job = {"velocity": portable(teacher, scale), "data_shape": shape,
+           "seed": search_seed(s.seed), "n_steps": s.n_steps, "batch_size": s.batch_size,
+           "device": ctx.params.run.device}
     parts = map_shards(NAME, cost_shard, shards, scale, job, ctx.params.run.progress)
     cost = merge_costs(parts)
     wall = time.perf_counter() - start

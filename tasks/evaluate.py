@@ -20,19 +20,19 @@ import torch
 
 from boss_core.distances import mmd, swd
 from boss_core.fidelity import build_extractor, fid_kid_features
-from boss_core.grids import uniform_grid
+from boss_core.methods import get
+from boss_core.protocol import Cost as RowCost
+from boss_core.protocol import (
+    cost_table,
+    evaluation_seeds,
+    sampled_rows,
+    sampling_plan,
+    score_rows,
+    student_costs_of,
+)
 from boss_core.sampling import euler_sample
 from boss_core.seeds import sample_noise
 from boss_core.shards import merge_samples, sample_shard
-from boss_core.sweep import (
-    TRAINED,
-    Cost,
-    Searched,
-    cost_table,
-    eval_seeds,
-    evaluate,
-    sampled_rows,
-)
 
 from .runtime.artifacts import (
     is_image_data,
@@ -78,35 +78,25 @@ def scorer(ctx: StepContext, data):
 
 
 def plan(ctx: StepContext, teacher):
-    """{method: {K: (velocity, times)}}; the teacher row is keyed by its N calls."""
-    s, device = ctx.params.sweep, next(teacher.parameters()).device
-    schedules = load_schedules(ctx.ws)
-    rows: dict[str, dict[int, tuple]] = {}
-    for method in s.methods:
-        if method == "teacher":
-            rows[method] = {s.n_steps: (teacher, uniform_grid(s.n_steps))}
-        elif method in TRAINED:
-            rows[method] = {}
-            for k in s.nfes:
-                model, schedule = load_student(student_dir(ctx.ws, method, k), str(device),
-                                                ctx.params.model.import_path)
-                rows[method][k] = (model, schedule.times)
-        else:
-            rows[method] = {k: (teacher, schedules[method][k].times) for k in s.nfes}
-    return rows
+    """{method: {K: (velocity, times)}} (``boss_core.protocol.sampling_plan``): students are
+    read from outputs/students/<method>/nfe_K; the reference row is keyed by its N calls."""
+    device = next(teacher.parameters()).device
+
+    def student(method: str, k: int):
+        model, _ = load_student(student_dir(ctx.ws, method, k), str(device),
+                                ctx.params.model.import_path)
+        return model
+
+    return sampling_plan(ctx.params.sweep, teacher, load_schedules(ctx.ws), student)
 
 
 def costs(ctx: StepContext) -> dict:
+    """{method: {"nfe_K": cost}} from the schedules' search and the students' training."""
     s = ctx.params.sweep
     search = read_json(ctx.ws.step("schedules") / "schedules.json")["search"]
-    searched = Searched({}, {name: Cost(**c) for name, c in search.items()})
-    student = {}
-    for method in TRAINED:
-        if method not in s.methods:
-            continue
-        table = read_json(ctx.ws.step("students") / method / "costs.json")
-        student[method] = {k: Cost(**table["shared" if method == "reflow_uniform"
-                                         else f"nfe_{k}"]) for k in s.nfes}
+    searched = {name: RowCost(**c) for name, c in search.items()}
+    student = {m: student_costs_of(m, s, read_json(ctx.ws.step("students") / m / "costs.json"))
+               for m in s.methods if get(m).trained}
     return cost_table(s, searched, student)
 
 
@@ -117,7 +107,7 @@ def sharded_samples(ctx: StepContext, rows, teacher, data_shape, featurize=None)
     shards = shard_plan(scale, s.eval_samples, s.batch_size)
     job = {"rows": {key: (portable(v, scale), t) for key, (v, t) in sampled_rows(rows).items()},
            "teacher": portable(teacher, scale), "data_shape": tuple(data_shape),
-           "seeds": eval_seeds(s), "n_steps": s.n_steps, "batch_size": s.batch_size,
+           "seeds": evaluation_seeds(s), "n_steps": s.n_steps, "batch_size": s.batch_size,
            "device": ctx.params.run.device, "featurize": featurize,
            "progress": ctx.params.run.progress and len(shards) == 1}
     parts = map_shards(NAME, sample_shard, shards, scale, job, ctx.params.run.progress)
@@ -132,12 +122,12 @@ def run(ctx: StepContext) -> dict:
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
     rows = plan(ctx, teacher)
-    metrics = evaluate(rows, teacher, data.data_shape, score, s,
-                       samples=sharded_samples(ctx, rows, teacher, data.data_shape,
-                                               featurize))
+    drawn = sharded_samples(ctx, rows, teacher, data.data_shape, featurize)
+    metrics = score_rows(rows, drawn, score, s, progress=ctx.params.run.progress)
     write_json(ctx.ws.results / "metrics.json", metrics)
     write_json(ctx.ws.results / "costs.json", costs(ctx))
-    noise = sample_noise(tuple(data.data_shape), s.seed + 100, 0, GRID_SAMPLES, device=device)
+    noise = sample_noise(tuple(data.data_shape), evaluation_seeds(s)[0], 0, GRID_SAMPLES,
+                         device=device)
     grids = {f"{m}.nfe_{k}": euler_sample(v, noise, t) for m, by_k in rows.items()
              for k, (v, t) in by_k.items()}
     save_tensors(ctx.ws.step(NAME) / "samples.safetensors", grids)

@@ -2,12 +2,14 @@
 
     python -m tasks.pairs [--params params.yaml]
 
-For every K: the teacher's chords along the searched schedule (boss, boss_lora) and along the
-uniform grid (distill_uniform): inputs x_{t_k} (the teacher's state), times t_k and targets
-(x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k). Plus reflow pairs (noise, N-step end point) when
-reflow_uniform is run. ``sweep.pair_samples`` noises, seeded per sample, in seed-range shards
-on the ``scale`` runner (tasks/runtime/shards.py), concatenated in seed order.
-Writes outputs/pairs/pairs.safetensors: tensors "<group>.nfe_K.<field>" and "reflow.<field>".
+For every K, the teacher's chords along each schedule a selected student learns
+(``boss_core.protocol.pair_targets``: bellman for boss and boss_lora, the uniform fine-grid
+K-grid for distill_uniform, ...): inputs x_{t_k} (the teacher's state), times t_k and targets
+(x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k). Plus reflow pairs (noise, N-step end point) when a
+reflow student is selected. ``sweep.pair_samples`` noises, seeded per sample
+(``boss_core.seeds.pairs_seed``), in seed-range shards on the ``scale`` runner
+(tasks/runtime/shards.py), concatenated in seed order.
+Writes outputs/pairs/pairs.safetensors: tensors "<schedule>.nfe_K.<field>" and "reflow.<field>".
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 
 import torch
 
+from boss_core.protocol import pair_targets, wants_reflow
+from boss_core.seeds import pairs_seed
 from boss_core.shards import merge_pairs, pairs_shard
 
 from .runtime.artifacts import load_prepared, load_schedules, load_teacher, pairs_file
@@ -24,30 +28,24 @@ from .runtime.shards import map_shards, portable, shard_plan
 from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = "pairs", ("sweep", "run")
-# which chords each trained method learns
-GROUPS = {"boss": ("boss", "boss_lora"), "distill_uniform": ("distill_uniform",)}
 
 
 def run(ctx: StepContext) -> dict:
     s = ctx.params.sweep
     shape = load_prepared(ctx.ws).data_shape
-    schedules = load_schedules(ctx.ws)
+    targets = pair_targets(s, load_schedules(ctx.ws))
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
-    source = {"boss": s.straighten_schedule, "distill_uniform": "distill_uniform"}
-    targets = {(group, k): schedules[source[group]][k] for group, methods in GROUPS.items()
-               if set(methods) & set(s.methods) for k in s.nfes}
-    reflow = "reflow_uniform" in s.methods
     scale = ctx.params.scale
     shards = shard_plan(scale, s.pair_samples, s.batch_size)
     job = {"velocity": portable(teacher, scale), "schedules": targets, "n_steps": s.n_steps,
-           "data_shape": tuple(shape), "seed": s.seed + 2, "batch_size": s.batch_size,
-           "device": ctx.params.run.device, "reflow": reflow}
+           "data_shape": tuple(shape), "seed": pairs_seed(s.seed), "batch_size": s.batch_size,
+           "device": ctx.params.run.device, "reflow": wants_reflow(s)}
     parts = map_shards(NAME, pairs_shard, shards, scale, job, ctx.params.run.progress)
     chords, ends = merge_pairs(parts)
     tensors = {}
-    for (group, k), pairs in chords.items():
+    for (name, k), pairs in chords.items():
         for field in ("x", "t", "target", "sample"):
-            tensors[f"{group}.nfe_{k}.{field}"] = getattr(pairs, field)
+            tensors[f"{name}.nfe_{k}.{field}"] = getattr(pairs, field)
     if ends is not None:
         tensors.update({f"reflow.{f}": getattr(ends, f) for f in ("z", "x1", "sample")})
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from boss_core.data import TensorData
+from boss_core.protocol import selected
 
 from .runtime.artifacts import check_classifier_labels, is_image_data
 from .runtime.io import save_tensors, write_json
@@ -60,8 +61,9 @@ def check_dataset(params: Params, data: TensorData, x: torch.Tensor, where: str)
                          f"{int(bad.sum())} of {len(x)} samples (the first is sample "
                          f"{int(bad.nonzero()[0, 0])})")
     check_classifier_labels(params, data, where)
-    if "boss_lora" in params.sweep.methods:
-        check_lora_rank_for(params, tuple(data.data_shape))
+    lora = [m.name for m in selected(params.sweep) if m.trained and m.training.lora]
+    if lora:
+        check_lora_rank_for(params, tuple(data.data_shape), lora)
 
 
 def check_inception_file(ctx: StepContext, data: TensorData) -> None:
@@ -77,7 +79,8 @@ def check_inception_file(ctx: StepContext, data: TensorData) -> None:
                           "torch-fidelity InceptionV3 file; nothing is downloaded)")
 
 
-def check_lora_rank_for(params: Params, data_shape: tuple[int, ...]) -> None:
+def check_lora_rank_for(params: Params, data_shape: tuple[int, ...],
+                        methods: list[str]) -> None:
     """``sweep.lora_rank`` against the teacher ``params.model`` builds for ``data_shape``.
 
     The network is built on the meta device (shapes only, no memory, no weights file read);
@@ -99,7 +102,7 @@ def check_lora_rank_for(params: Params, data_shape: tuple[int, ...]) -> None:
     except ValueError as err:
         raise ParamsError(f"sweep.lora_rank={params.sweep.lora_rank} is too large for the "
                           f"teacher ({params.model.arch}, data_shape {list(data_shape)}) that "
-                          f"boss_lora adapts: {err}") from err
+                          f"{', '.join(methods)} adapt: {err}") from err
 
 
 def _retry_io_only(task, task_run, state) -> bool:

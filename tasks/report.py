@@ -14,11 +14,11 @@ import sys
 
 import numpy as np
 
-from boss_core.cost import CostMatrix
-from boss_core.sweep import TRAINED, metrics_frame
+from boss_core.methods import get
+from boss_core.protocol import metrics_frame
 
 from .runtime import plots
-from .runtime.artifacts import load_schedules
+from .runtime.artifacts import load_cost, load_schedules
 from .runtime.io import load_tensors, read_json, write_text
 from .runtime.step import StepContext, main, prefect_task
 
@@ -38,25 +38,29 @@ def run(ctx: StepContext) -> dict:
             plots.write_csv_atomic([r for r in rows if r["method"] == method],
                                    tables / "methods" / f"{method}.csv")
     schedules = load_schedules(ws)
-    tensors, meta = load_tensors(ws.step("cost") / "cost.safetensors")
-    cost = CostMatrix(tensors["sum"].numpy(), int(meta["n_samples"]))
+    cost, _ = load_cost(ws)
     searched = {k: list(sch.indices) for k, sch in schedules["bellman"].items()}
     plots.cost_heatmap(cost.values, searched, cost.times, figures / "cost_matrix.png")
-    bellman_times = {k: list(sch.times) for k, sch in schedules["bellman"].items()}
-    plots.step_sizes(bellman_times, figures / "step_sizes.png")
-    steps = plots.step_sizes_table({"bellman": bellman_times})
-    for k in s.nfes:
-        plots.write_csv_atomic([r for r in steps if r["nfe"] == k],
-                               tables / "steps" / f"bellman_nfe_{k}.csv")
+    # step sizes of the searched schedules: BOSS's, and every selected method's own search
+    shown = ["bellman"] + [m for m in s.methods if m != "bellman" and m in schedules
+                           and get(m).search.needs != "nothing"]
+    times = {name: {k: list(schedules[name][k].times) for k in s.nfes} for name in shown}
+    plots.step_sizes(times["bellman"], figures / "step_sizes.png")
+    steps = plots.step_sizes_table(times)
+    for name in shown:
+        for k in s.nfes:
+            plots.write_csv_atomic([r for r in steps if r["nfe"] == k and r["method"] == name],
+                                   tables / "steps" / f"{name}_nfe_{k}.csv")
     samples, _ = load_tensors(ws.step("evaluate") / "samples.safetensors")
     for name, grid in samples.items():
         plots.sample_grid(grid, figures / "samples" / f"{name}.png", title=name)
     curves = {}
-    for method in TRAINED:
-        for k in s.nfes:
+    for method in (m for m in s.methods if get(m).trained):
+        shared = get(method).training.shared  # one student: its curve once
+        for k in ([min(s.nfes)] if shared else s.nfes):
             path = ws.step("students") / method / f"nfe_{k}" / "losses.csv"
-            if path.is_file() and (method != "reflow_uniform" or k == min(s.nfes)):
-                label = "reflow_uniform" if method == "reflow_uniform" else f"{method} K={k}"
+            if path.is_file():
+                label = method if shared else f"{method} K={k}"
                 curves[label] = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     if curves:
         plots.loss_curves(curves, figures / "straighten_loss.png",

@@ -2,11 +2,12 @@
 
     python -m tasks.straighten --method boss [--params params.yaml]
 
-Methods: boss (full fine-tuning on the Bellman schedule's chords), boss_lora (the same with a
-rank-``sweep.lora_rank`` LoRA adapter, merged after training), distill_uniform (chords of the
-uniform grid) and reflow_uniform (one model on (noise, end point) pairs, used at every K).
-All see the same pairs budget and ``straighten`` settings. A method left out of
-``sweep.methods`` writes an empty folder. Checkpoints go to
+Methods: the trained methods of the registry (boss_core/methods.py): boss (full fine-tuning
+on the Bellman schedule's chords), boss_lora (the same with a rank-``sweep.lora_rank`` LoRA
+adapter, merged after training), distill_uniform (chords of the uniform grid) and
+reflow_uniform (one model on (noise, end point) pairs, used at every K); the training itself
+is ``boss_core.protocol.fit_method``. All see the same pairs budget and ``straighten``
+settings. A method left out of ``sweep.methods`` writes an empty folder. Checkpoints go to
 checkpoints/straighten/<method>/<nfe_K|shared>/<params hash>/ and a killed run resumes from them
 bit-identically (CPU); they are kept until every model file of the method is written, so a
 run killed while training K=4 does not retrain K=1 and K=2 (tests/test_faults.py kills it at
@@ -16,9 +17,9 @@ Writes outputs/students/<method>/nfe_K/{model.safetensors, schedule.json, losses
 costs.json; each model is logged to MLflow and registered as "<experiment>-<method>-nfe<K>"
 with its schedule attached.
 
-Under torchrun (``python -m tasks.runtime.launch straighten ...`` with ``scale`` asking for several
-processes; WORLD_SIZE > 1 in the environment) every rank joins the process group (gloo on the
-CPU, NCCL on ``cuda:LOCAL_RANK``) and trains its share of each global batch; rank 0 alone
+Under torchrun (``python -m tasks.runtime.launch straighten ...`` with ``scale`` asking for
+several processes; WORLD_SIZE > 1 in the environment) every rank joins the process group (gloo
+on the CPU, NCCL on ``cuda:LOCAL_RANK``) and trains its share of each global batch; rank 0 alone
 makes the MLflow run, writes outputs/ and checkpoints/, registers the models and clears the
 checkpoints. The other ranks read the inputs and write nothing.
 """
@@ -33,10 +34,8 @@ import numpy as np
 
 from boss_core.device import resolve_device
 from boss_core.distributed import Dist
-from boss_core.lora import add_lora, check_lora_rank, merge_lora
-from boss_core.pairs import holdout_mask
-from boss_core.straighten import straighten, trainable_copy
-from boss_core.sweep import TRAINED
+from boss_core.methods import trained_names
+from boss_core.protocol import check_student, fit_method, schedule_name, student_tag
 
 from .runtime.artifacts import load_pairs, load_schedules, load_teacher, student_dir, teacher_file
 from .runtime.faults import fault_point
@@ -45,15 +44,7 @@ from .runtime.step import StepContext, main, prefect_task
 from .runtime.tracking import register_model
 
 log = logging.getLogger("boss")
-NAME, SECTIONS = "straighten", ("model", "teacher", "sweep", "straighten", "run")
-
-
-def target_schedules(ctx: StepContext, method: str):
-    """{K: Schedule} the method samples with (reflow: uniform steps)."""
-    s, table = ctx.params.sweep, load_schedules(ctx.ws)
-    name = {"boss": s.straighten_schedule, "boss_lora": s.straighten_schedule,
-            "distill_uniform": "distill_uniform", "reflow_uniform": "uniform"}[method]
-    return {k: table[name][k] for k in s.nfes}
+NAME, SECTIONS = "straighten", ("model", "teacher", "sweep", "methods", "straighten", "run")
 
 
 def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
@@ -73,62 +64,53 @@ def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
         _fresh_folder(out)
     teacher = load_teacher(ctx.ws, str(dist.device(resolve_device(p.run.device))),
                            p.model.import_path)
-    if method == "boss_lora":
-        check_lora_rank(teacher, p.sweep.lora_rank)  # before any compute
+    check_student(method, teacher, p.sweep)  # before any compute
     _, meta = load_tensors(teacher_file(ctx.ws))
-    schedules = target_schedules(ctx, method)
-    group = {"boss": "boss", "boss_lora": "boss", "distill_uniform": "distill_uniform",
-             "reflow_uniform": "reflow"}[method]
-    keys = [0] if method == "reflow_uniform" else list(p.sweep.nfes)
-    digest = p.digest(("data", "model", "teacher", "sweep", "straighten"))
-    costs, trained, checkpoints = {}, {}, []
-    for k in keys:
-        pairs = load_pairs(ctx.ws, group, None if k == 0 else k)
-        held = holdout_mask(pairs.sample, p.sweep.seed + 2, p.sweep.holdout_fraction)
-        train, val = pairs.subset(~held), pairs.subset(held)
-        student = (add_lora(teacher, p.sweep.lora_rank, seed=p.straighten.seed)
-                   if method == "boss_lora" else trainable_copy(teacher))
-        tag = "shared" if k == 0 else f"nfe_{k}"
-        ckpt = ctx.ws.checkpoints(NAME) / method / tag / digest
-        result = straighten(student, train, p.straighten, val=val, checkpoint_dir=ckpt,
-                            on_checkpoint=lambda step: fault_point("straighten.checkpoint"),
-                            dist=dist)
+    target = schedule_name(method, p.sweep)
+    schedules = load_schedules(ctx.ws)[target]
+    digest = p.digest(("data", "model", "teacher", "sweep", "methods", "straighten"))
+
+    def checkpoint_of(k: int):
+        return ctx.ws.checkpoints(NAME) / method / student_tag(k) / digest
+
+    def logged(k, fitted) -> None:
+        tag, result = student_tag(k), fitted.result
         if not dist.is_main:
-            continue
+            return
         if result.resumed_from:
             log.info("straighten %s %s: resumed from step %d of %s", method, tag,
-                     result.resumed_from, ckpt)
+                     result.resumed_from, checkpoint_of(k))
             ctx.set_tags({f"resumed_from_step.{tag}": result.resumed_from})
-        model = merge_lora(result.ema_model) if method == "boss_lora" else result.ema_model
-        trained[k] = (model, result)
         ctx.log_curve(f"loss.{tag}", result.losses, every=max(1, len(result.losses) // 200))
         if len(result.val_losses):
             ctx.log_curve(f"val_loss.{tag}", result.val_losses)
-        costs[tag] = {"iterations": p.straighten.iterations,
-                      "wall_seconds": result.wall_time_s,
-                      "trainable_params": result.trainable_params}
-        checkpoints.append(ckpt)
+
+    students = fit_method(method, teacher, lambda k: load_pairs(ctx.ws, target, k), p.sweep,
+                          p.straighten, checkpoint_of=checkpoint_of, dist=dist,
+                          on_checkpoint=lambda step: fault_point("straighten.checkpoint"),
+                          on_fitted=logged)
     if not dist.is_main:
         return {"method": method, "rank": dist.rank}
     for k in p.sweep.nfes:
-        model, result = trained[0 if method == "reflow_uniform" else k]
+        fitted = students.by_k[k]
         folder = student_dir(ctx.ws, method, k)
-        save_model(folder / "model.safetensors", model, meta["model_config"],
+        save_model(folder / "model.safetensors", fitted.model, meta["model_config"],
                    meta["data_shape"], {"method": method, "nfe": k})
         write_json(folder / "schedule.json", schedules[k].to_dict())
         with atomic_path(folder / "losses.csv") as tmp:
-            np.savetxt(tmp, result.losses, delimiter=",", header="step,loss", comments="")
+            np.savetxt(tmp, fitted.result.losses, delimiter=",", header="step,loss",
+                       comments="")
         ctx.log_artifact(folder, f"models/{method}/nfe_{k}")
         if p.run.register_models:
             register_model(ctx.client, ctx.run_id, f"{p.run.experiment}-{method}-nfe{k}",
                            f"models/{method}/nfe_{k}",
                            {"method": method, "nfe": str(k),
                             "schedule": schedules[k].to_json()})
-    write_json(out / "costs.json", costs)
-    for ckpt in checkpoints:  # done: the model files are the result
-        shutil.rmtree(ckpt, ignore_errors=True)
+    write_json(out / "costs.json", students.costs)
+    for k in students.trained:  # done: the model files are the result
+        shutil.rmtree(checkpoint_of(k), ignore_errors=True)
     return {"method": method, "models": len(p.sweep.nfes),
-            "train_seconds": sum(c["wall_seconds"] for c in costs.values())}
+            "train_seconds": sum(c["wall_seconds"] for c in students.costs.values())}
 
 
 def _fresh_folder(folder) -> None:
@@ -141,7 +123,8 @@ def main_cli(argv=None) -> int:
     dist = Dist.from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: one process)
 
     def add_args(p):
-        p.add_argument("--method", required=True, choices=TRAINED, help="the student to train")
+        p.add_argument("--method", required=True, choices=trained_names(),
+                       help="the student to train (a trained method of boss_core/methods.py)")
 
     def bind(args):
         return f"{NAME}_{args.method}", lambda ctx: run_method(ctx, args.method, dist)

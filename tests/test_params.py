@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from boss_core.methods import REGISTRY, MethodOptions
 from tasks.cli.profile import main as profile_main
 from tasks.runtime.params import SECTIONS, ParamsError, apply_overrides, load_params, parse_override
 
@@ -20,6 +21,10 @@ def test_params_yaml_spells_out_every_key_of_every_config():
     from run: device, progress; and fidelity.n_seeds, filled from sweep)."""
     raw = yaml.safe_load(PARAMS.read_text())
     for section, cls in SECTIONS.items():
+        if cls is MethodOptions:  # each method's options, under its name
+            expected = {name: set(m.options) for name, m in REGISTRY.items() if m.options}
+            assert {name: set(v) for name, v in raw[section].items()} == expected
+            continue
         expected = {f.name for f in dataclasses.fields(cls)}
         if section != "run":
             expected -= {"device", "progress"}
@@ -36,8 +41,10 @@ def test_dvc_stage_params_exist_in_params_yaml():
         listed += (stage.get("do") or stage).get("params", [])
     assert listed
     for key in listed:
-        section, name = key.split(".")
-        assert name in raw[section], key
+        node = raw
+        for part in key.split("."):
+            assert part in node, key
+            node = node[part]
 
 
 def test_defaults_load_and_fill_device_from_run():

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from boss_core.device import resolve_device
+from boss_core.methods import trained_names
 from boss_core.sampling import euler_sample
 from boss_core.schedule import Schedule
 from boss_core.seeds import sample_noise
@@ -311,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
             "registered name or version."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--method", help="student method (boss, boss_lora, distill_uniform, "
-                        "reflow_uniform); needs --nfe")
+    source.add_argument("--method", help="a trained method of boss_core/methods.py ("
+                        f"{', '.join(trained_names())}); needs --nfe")
     source.add_argument("--registry", metavar="NAME[/VERSION|@ALIAS]",
                         help="registered model, e.g. boss-boss-nfe2, boss-boss-nfe2/3 or "
                         "boss-boss-nfe2@champion")

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from boss_core.cost import CostMatrix
 from boss_core.data import TensorData
 from boss_core.device import resolve_device
 from boss_core.models import ModelConfig, build_model
 from boss_core.pairs import ChordPairs, ReflowPairs
 from boss_core.schedule import Schedule
-from boss_core.seeds import sample_noise
+from boss_core.seeds import sample_noise, search_seed
 
 from .io import load_model, load_tensors, read_json
 from .params import Params, ParamsError
@@ -102,26 +103,37 @@ def is_image_data(shape) -> bool:
     return len(tuple(shape)) == 3
 
 
+def load_cost(ws: Workspace):
+    """(CostMatrix, summary) of the cost step: the float64 sum and its sample count."""
+    tensors, meta = load_tensors(ws.step("cost") / "cost.safetensors")
+    return CostMatrix(tensors["sum"].numpy(), int(meta["n_samples"])), meta
+
+
 def search_inputs(ctx):
     """(teacher, noise): the teacher on the run's device and the ``sweep.search_samples``
-    search noises (seed ``sweep.seed + 1``), shared by the cost matrix and the global search."""
+    search noises (``boss_core.seeds.search_seed``), shared by the cost matrix and the global
+    search."""
     s = ctx.params.sweep
     shape = load_prepared(ctx.ws).data_shape
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
-    return teacher, sample_noise(tuple(shape), s.seed + 1, 0, s.search_samples, device=device)
+    return teacher, sample_noise(tuple(shape), search_seed(s.seed), 0, s.search_samples,
+                                 device=device)
 
 
 def pairs_file(ws: Workspace) -> Path:
     return ws.step("pairs") / "pairs.safetensors"
 
 
-def load_pairs(ws, group: str, nfe: int | None = None):
-    """``ChordPairs`` for (group, K), or ``ReflowPairs`` when group == "reflow"."""
+def load_pairs(ws: Workspace, schedule: str, nfe: int = 0):
+    """``ChordPairs`` of the chords along ``schedule`` for K = ``nfe``, or the reflow
+    ``ReflowPairs`` when ``nfe`` is 0 (a shared student)."""
     tensors, _ = load_tensors(pairs_file(ws))
-    if group == "reflow":
+    if nfe == 0:
+        if "reflow.z" not in tensors:
+            raise ValueError(f"no reflow pairs in {pairs_file(ws)}: rerun the pairs step")
         return ReflowPairs(*(tensors[f"reflow.{f}"] for f in ("z", "x1", "sample")))
-    prefix = f"{group}.nfe_{nfe}"
+    prefix = f"{schedule}.nfe_{nfe}"
     if f"{prefix}.x" not in tensors:
         raise ValueError(f"no pairs for {prefix} in {pairs_file(ws)}: rerun the pairs step")
     return ChordPairs(*(tensors[f"{prefix}.{f}"] for f in ("x", "t", "target", "sample")))

@@ -11,6 +11,7 @@ Sections and their configs::
     sweep      SweepConfig        methods, NFEs, fine grid, search / pair / evaluation sizes
     straighten StraightenConfig   fine-tuning (BOSS, LoRA, reflow, distill)
     scale      ScaleConfig        where shards and fine-tuning run (Dask, torchrun)
+    methods    MethodOptions      each method's own options (``methods.<method>.<option>``)
 
 ``run.device`` and ``run.progress`` fill the sections that have those keys and leave them out;
 ``sweep.n_seeds`` fills ``fidelity.n_seeds``. Errors name the key as ``section.key``.
@@ -34,6 +35,7 @@ from boss_core.config import RunConfig, ScaleConfig
 from boss_core.data import DataConfig
 from boss_core.features import FeatureNetConfig
 from boss_core.fidelity import FidelityConfig
+from boss_core.methods import MethodOptions
 from boss_core.models import ModelConfig
 from boss_core.straighten import StraightenConfig
 from boss_core.sweep import SweepConfig
@@ -49,6 +51,7 @@ SECTIONS: dict[str, type] = {
     "sweep": SweepConfig,
     "straighten": StraightenConfig,
     "scale": ScaleConfig,
+    "methods": MethodOptions,
 }
 _FILLED_FROM_RUN = ("device", "progress")
 
@@ -68,6 +71,7 @@ class Params:
     sweep: SweepConfig
     straighten: StraightenConfig
     scale: ScaleConfig
+    methods: MethodOptions  # per-method options (boss_core/methods.py)
     raw: Mapping[str, Any]  # the merged YAML mapping, before filling (what DVC tracks)
 
     def flat(self, sections: Iterable[str] | None = None) -> dict[str, Any]:
@@ -75,7 +79,10 @@ class Params:
         out = {}
         for name in sections or SECTIONS:
             for key, value in getattr(self, name).to_dict().items():
-                out[f"{name}.{key}"] = value
+                if isinstance(value, dict):  # methods: {method: {option: value}}
+                    out.update({f"{name}.{key}.{k}": v for k, v in value.items()})
+                else:
+                    out[f"{name}.{key}"] = value
         return out
 
     def digest(self, sections: Iterable[str]) -> str:
@@ -103,6 +110,12 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         if section not in SECTIONS or not key:
             raise ParamsError(f"override {dotted!r}: expected section.key with section in "
                               f"{list(SECTIONS)}")
+        if SECTIONS[section] is MethodOptions:  # methods.<method>.<option>
+            method, _, option = key.partition(".")
+            merged.setdefault(section, {})
+            merged[section] = dict(merged[section] or {})
+            merged[section][method] = {**(merged[section].get(method) or {}), option: value}
+            continue
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if key not in known:
             raise ParamsError(f"unknown key {dotted!r}; {section} keys: {sorted(known)}")
@@ -155,6 +168,11 @@ def _section(name: str, values: Any, fill: Mapping[str, Any]):
     cls = SECTIONS[name]
     if not isinstance(values, Mapping):
         raise ParamsError(f"section {name!r} must be a mapping of keys, got {values!r}")
+    if cls is MethodOptions:
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as err:
+            raise ParamsError(f"{name}.{err}") from err
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

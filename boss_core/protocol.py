@@ -1,0 +1,306 @@
+"""The evaluation protocol's steps, one implementation each, shared by the pipeline's stages
+(tasks/) and the in-memory sweep (``boss_core.sweep.run_sweep``).
+
+Every step iterates the method registry (``boss_core.methods``) over ``sweep.methods``:
+
+1. ``search_schedules``: each method's schedule table {K: Schedule}, with what the search cost;
+2. ``pair_targets`` / ``wants_reflow``: which teacher chords (and reflow pairs) to compute,
+   one teacher pass for every student;
+3. ``fit_method``: one method's students (one per K, or one shared);
+4. ``sampling_plan``: what each row samples with, {method: {K: (velocity, times)}};
+5. ``score_rows``: every row over the evaluation seeds; ``cost_table``: what each row cost.
+
+Noise sets are kept apart by named seed offsets (``boss_core.seeds``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .grids import uniform_grid
+from .lora import add_lora, check_lora_rank, merge_lora
+from .methods import REGISTRY, Method, MethodOptions, SearchInputs, get
+from .metrics import aggregate
+from .pairs import holdout_mask
+from .schedule import Schedule
+from .seeds import eval_seeds, pairs_seed
+from .straighten import StraightenConfig, StraightenResult, straighten, trainable_copy
+from .velocity import NFECounter, VelocityFn
+
+Table = dict[str, dict[int, Schedule]]  # {schedule name: {K: Schedule}}
+Score = Callable[[Tensor], dict[str, float]]
+
+
+@dataclass
+class Cost:
+    """What a row cost: training iterations, wall seconds, trainable parameters, and the
+    network calls (batched) and per-sample evaluations spent on its schedule search."""
+
+    iterations: int = 0
+    wall_seconds: float = 0.0
+    trainable_params: int = 0
+    search_nfe: int = 0
+    search_evaluations: int = 0
+
+
+def selected(sweep) -> list[Method]:
+    """The registry entries of ``sweep.methods``, in its order."""
+    return [get(name) for name in sweep.methods]
+
+
+def schedule_name(method: str | Method, sweep) -> str:
+    """The schedule table ``method`` samples with (and, if trained, learns)."""
+    method = get(method) if isinstance(method, str) else method
+    return method.schedule_name(sweep.straighten_schedule)
+
+
+def searches_to_run(sweep) -> list[str]:
+    """Every search that needs no teacher pass of its own (presets and cost-matrix methods:
+    cheap, always run) plus the teacher searches a selected method uses."""
+    used = {schedule_name(m, sweep) for m in selected(sweep) if not m.reference}
+    return [name for name, m in REGISTRY.items() if m.search is not None
+            and (m.search.needs != "teacher" or name in used)]
+
+
+def needs_teacher_search(sweep) -> bool:
+    return any(REGISTRY[name].search.needs == "teacher" for name in searches_to_run(sweep))
+
+
+def search_schedules(sweep, options: MethodOptions, *, cost=None,
+                     cost_search: Mapping[str, Any] | None = None,
+                     teacher: VelocityFn | None = None, noise: Tensor | None = None,
+                     progress: bool = False) -> tuple[Table, dict[str, Cost]]:
+    """Each searched schedule for every K in ``sweep.nfes``.
+
+    Args:
+        cost: the teacher's ``CostMatrix`` (N = ``sweep.n_steps``).
+        cost_search: what computing ``cost`` took ({search_nfe, search_evaluations,
+            wall_seconds}); every cost method is charged it.
+        teacher, noise: for teacher searches (``needs_teacher_search``); their network calls
+            are counted here.
+    Returns:
+        ({name: {K: Schedule}}, {name: Cost} for the searches that spent network calls).
+    """
+    table: Table = {}
+    spent: dict[str, Cost] = {}
+    for name in searches_to_run(sweep):
+        search = REGISTRY[name].search
+        velocity, start = teacher, time.perf_counter()
+        if search.needs == "teacher":
+            if teacher is None or noise is None:
+                raise ValueError(f"the {name} search needs the teacher and the search noises")
+            velocity = NFECounter(teacher)
+        if search.needs == "cost" and cost is None:
+            raise ValueError(f"the {name} search needs the cost matrix")
+        inputs = SearchInputs(tuple(sweep.nfes), sweep.n_steps, cost=cost, teacher=velocity,
+                              noise=noise, batch_size=sweep.batch_size, progress=progress)
+        table[name] = search.build(inputs, options.of(name))
+        if search.needs == "teacher":
+            spent[name] = Cost(wall_seconds=time.perf_counter() - start,
+                               search_nfe=velocity.nfe,
+                               search_evaluations=velocity.n_evaluations)
+        elif search.needs == "cost" and cost_search is not None:
+            spent[name] = Cost(**{k: cost_search[k] for k in
+                                  ("search_nfe", "search_evaluations", "wall_seconds")})
+    return table, spent
+
+
+def pair_targets(sweep, table: Table) -> dict[tuple[str, int], Schedule]:
+    """{(schedule name, K): Schedule} whose teacher chords the selected chord students learn
+    (students sharing a schedule share its chords)."""
+    names = []
+    for m in selected(sweep):
+        if m.trained and m.training.kind == "chords":
+            name = schedule_name(m, sweep)
+            if name not in names:
+                names.append(name)
+    return {(name, k): table[name][k] for name in names for k in sweep.nfes}
+
+
+def wants_reflow(sweep) -> bool:
+    return any(m.trained and m.training.kind == "reflow" for m in selected(sweep))
+
+
+def split_pairs(pairs, sweep):
+    """(train, held-out) pairs: a sample is held out by (pairs seed, its index) alone."""
+    held = holdout_mask(pairs.sample, pairs_seed(sweep.seed), sweep.holdout_fraction)
+    return pairs.subset(~held), pairs.subset(held)
+
+
+def check_student(method: str | Method, teacher: nn.Module, sweep) -> None:
+    """Fail before any compute when the teacher cannot take the method's student."""
+    method = get(method) if isinstance(method, str) else method
+    if method.trained and method.training.lora:
+        check_lora_rank(teacher, sweep.lora_rank)
+
+
+def training_keys(method: str | Method, sweep) -> list[int]:
+    """The students of a method: one per K, or [0] for one shared by every K."""
+    method = get(method) if isinstance(method, str) else method
+    return [0] if method.training.shared else list(sweep.nfes)
+
+
+def student_tag(k: int) -> str:
+    return "shared" if k == 0 else f"nfe_{k}"
+
+
+@dataclass(frozen=True, eq=False)
+class Fitted:
+    """A trained student: ``model`` samples (LoRA merged); ``result`` the training record."""
+
+    model: nn.Module
+    result: StraightenResult
+
+
+@dataclass
+class Students:
+    """One method's students: ``by_k`` {K: Fitted} (a shared one under every K) and
+    ``costs`` {tag: {iterations, wall_seconds, trainable_params}}."""
+
+    by_k: dict[int, Fitted] = field(default_factory=dict)
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trained: dict[int, Fitted] = field(default_factory=dict)  # by training key (0 = shared)
+
+
+def fit_method(method: str | Method, teacher: nn.Module, pairs_of: Callable[[int], Any],
+               sweep, train_config: StraightenConfig, *,
+               checkpoint_of: Callable[[int], Any] | None = None,
+               on_checkpoint: Callable[[int], None] | None = None, dist=None,
+               on_fitted: Callable[[int, Fitted], None] | None = None) -> Students:
+    """Fine-tune ``method``'s students from ``teacher``.
+
+    Args:
+        pairs_of: ``pairs_of(k)`` the method's pairs for K = k (k = 0: reflow pairs).
+        checkpoint_of: ``checkpoint_of(k)`` the folder ``straighten`` checkpoints in (None: no
+            checkpoints).
+        on_fitted: called with (k, Fitted) after each student (the pipeline logs it there).
+    Returns:
+        ``Students``; under torchrun (``dist``) every rank returns the same models.
+    """
+    method = get(method) if isinstance(method, str) else method
+    if not method.trained:
+        raise ValueError(f"method {method.name} trains no student")
+    check_student(method, teacher, sweep)
+    out = Students()
+    for k in training_keys(method, sweep):
+        train, val = split_pairs(pairs_of(k), sweep)
+        student = (add_lora(teacher, sweep.lora_rank, seed=train_config.seed)
+                   if method.training.lora else trainable_copy(teacher))
+        result = straighten(student, train, train_config, val=val,
+                            checkpoint_dir=None if checkpoint_of is None else checkpoint_of(k),
+                            on_checkpoint=on_checkpoint, dist=dist)
+        model = merge_lora(result.ema_model) if method.training.lora else result.ema_model
+        fitted = Fitted(model, result)
+        out.trained[k] = fitted
+        out.costs[student_tag(k)] = {"iterations": train_config.iterations,
+                                     "wall_seconds": result.wall_time_s,
+                                     "trainable_params": result.trainable_params}
+        if on_fitted is not None:
+            on_fitted(k, fitted)
+    out.by_k = {k: out.trained[0 if method.training.shared else k] for k in sweep.nfes}
+    return out
+
+
+def sampling_plan(sweep, teacher: VelocityFn, table: Table,
+                  student: Callable[[str, int], VelocityFn] | None = None):
+    """{method: {K: (velocity, times)}}: what each row samples with; the reference row is
+    keyed by its N network calls. ``student(method, K)`` gives a trained method's model."""
+    plan: dict[str, dict[int, tuple]] = {}
+    for m in selected(sweep):
+        if m.reference:
+            plan[m.name] = {sweep.n_steps: (teacher, uniform_grid(sweep.n_steps))}
+            continue
+        times = table[schedule_name(m, sweep)]
+        plan[m.name] = {k: (student(m.name, k) if m.trained else teacher, times[k].times)
+                        for k in sweep.nfes}
+    return plan
+
+
+def sampled_rows(plan) -> dict[tuple[str, int], tuple]:
+    """{(method, K): (velocity, times)} of a plan, less the reference row."""
+    return {(m, k): row for m, table in plan.items() if not get(m).reference
+            for k, row in table.items()}
+
+
+def evaluation_seeds(sweep) -> list[int]:
+    return eval_seeds(sweep.seed, sweep.n_seeds)
+
+
+def score_rows(plan, samples, score: Score, sweep, progress: bool = False
+               ) -> dict[str, dict[str, dict]]:
+    """Score every (method, K) over ``sweep.n_seeds`` noise seeds.
+
+    Args:
+        samples: ``boss_core.shards.Drawn`` over samples 0 .. eval_samples-1 of every seed.
+        score: one seed's (M, ...) samples (or their features, when drawn with
+            ``featurize``) -> {name: value}.
+    Returns:
+        {method: {"nfe_K": {<score keys>, <key>_std, endpoint_rmse, n_samples, n_seeds}}}.
+        endpoint_rmse pools every seed's samples against the N-step teacher from the same
+        noises, so the reference row's is exactly 0.
+    """
+    from tqdm.auto import tqdm
+
+    if samples.count != sweep.eval_samples:
+        raise ValueError(f"drawn {samples.count} samples per seed, expected "
+                         f"sweep.eval_samples={sweep.eval_samples}")
+    seeds = range(sweep.n_seeds)
+    rows = [(m, k) for m, table in plan.items() for k in table]
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for method, k in tqdm(rows, desc="score", disable=not progress):
+        key = ("reference", sweep.n_steps) if get(method).reference else (method, k)
+        row = aggregate([score(samples.values[(*key, s)]) for s in seeds])
+        row["endpoint_rmse"] = samples.endpoint_rmse(key, sweep.n_seeds)
+        row["n_samples"] = sweep.eval_samples
+        bad = [name for name, value in row.items() if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(f"evaluation of {method} at nfe_{k} gave non-finite {bad}")
+        metrics.setdefault(method, {})[f"nfe_{k}"] = row
+    return metrics
+
+
+def cost_table(sweep, search_costs: Mapping[str, Cost],
+               student_costs: Mapping[str, Mapping[int, Cost]]) -> dict:
+    """{method: {"nfe_K": Cost fields}}: training from ``student_costs`` ({method: {K:
+    Cost}}); every row also carries its schedule's search calls, and the row whose own search
+    it is, the search's wall time."""
+    out: dict[str, dict[str, dict]] = {}
+    for m in selected(sweep):
+        keys = [sweep.n_steps] if m.reference else list(sweep.nfes)
+        schedule = None if m.reference else schedule_name(m, sweep)
+        for k in keys:
+            cost = Cost(**vars(student_costs[m.name][k])) if m.name in student_costs else Cost()
+            if schedule in search_costs:
+                found = search_costs[schedule]
+                cost.search_nfe = found.search_nfe
+                cost.search_evaluations = found.search_evaluations
+                if m.name == schedule:
+                    cost.wall_seconds = found.wall_seconds
+            out.setdefault(m.name, {})[f"nfe_{k}"] = vars(cost)
+    return out
+
+
+def student_costs_of(method: str, sweep, costs: Mapping[str, Mapping[str, Any]]
+                     ) -> dict[int, Cost]:
+    """{K: Cost} of a method from its per-tag training costs ({tag: {...}})."""
+    shared = get(method).training.shared
+    return {k: Cost(**costs["shared" if shared else f"nfe_{k}"]) for k in sweep.nfes}
+
+
+def metrics_frame(metrics: dict):
+    """A pandas DataFrame with one row per (method, nfe), in registry order then NFE."""
+    import pandas as pd
+
+    order = {name: i for i, name in enumerate(REGISTRY)}
+    records = [{"method": m, "nfe": int(key.split("_")[1]), **row}
+               for m, table in metrics.items() for key, row in table.items()]
+    frame = pd.DataFrame.from_records(records)
+    return frame.sort_values(["method", "nfe"], key=lambda col: col.map(order)
+                             if col.name == "method" else col,
+                             kind="stable").reset_index(drop=True)
