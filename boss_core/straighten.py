@@ -5,10 +5,10 @@ for reflow), the loss is the squared error averaged over dims and batch:
 
     L(theta) = mean_{b} (1/D) || v_theta(x_b, tau_b) - u_b ||^2
 
-Adam with a linear warm-up, grad-norm clipping, and an EMA started from the teacher's
-weights. Step s draws its batch from ``step_generator(seed, s)``, so a run resumed from its
-checkpoint is bit-identical on the CPU to an uninterrupted one (its ``wall_time_s`` adds the
-time spent before the interruption, kept in the checkpoint). Only parameters with
+trained by ``boss_core.training.train`` (Adam with a linear warm-up, grad-norm clipping, an
+EMA started from the teacher's weights, the checkpoint ``straighten.pt`` and its resume).
+Step s draws its batch from ``step_generator(seed, s)``, so a run resumed from its
+checkpoint is bit-identical on the CPU to an uninterrupted one. Only parameters with
 ``requires_grad`` are trained (LoRA freezes the base weights).
 
 Data parallel (``dist`` with W > 1 ranks, under torchrun; see ``boss_core.distributed``):
@@ -16,36 +16,29 @@ every rank draws the same global batch of B = ``batch_size`` rows from
 ``step_generator(seed, s)`` and trains on its rows ``dist.rank_slice(B)`` under
 DistributedDataParallel, whose gradient average is the global-batch mean gradient. The logged
 loss is the mean of the W shard losses (= the global-batch loss); clipping, Adam and the EMA
-see the averaged gradient, identical on every rank. Rank 0 alone reads the checkpoint (and
-sends its bytes to the others) and writes it; world size is not part of it, so a checkpoint
-of a W-rank run resumes with any other W. Equal to one process up to float32 reduction order
-(tests/test_ddp.py states the tolerance).
+see the averaged gradient, identical on every rank. A checkpoint of a W-rank run resumes with
+any other W. Equal to one process up to float32 reduction order (tests/test_ddp.py states the
+tolerance).
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import math
 import os
-import pickle
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 
 from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
 from .distributed import Dist
-from .ema import EMA
 from .seeds import step_generator
+from .training import Checkpoint, LoopSettings
+from .training import train as train_loop
 
 CHECKPOINT_NAME = "straighten.pt"
 # Settings that may change between an interrupted run and its resume.
@@ -123,51 +116,6 @@ def trainable_copy(model: nn.Module) -> nn.Module:
     return student
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _read_checkpoint(path: Path | None, dist: Dist) -> bytes | None:
-    """The checkpoint's bytes on every rank (None: no checkpoint); rank 0 alone reads the
-    file, so the other ranks need no shared filesystem. A read error is raised everywhere."""
-    blob, error = None, None
-    if dist.is_main and path is not None and path.exists():
-        try:
-            blob = path.read_bytes()
-        except OSError as err:
-            error = f"checkpoint {path} cannot be read: {err}"
-    blob, error = dist.broadcast((blob, error))
-    if error is not None:
-        raise ValueError(error)
-    return blob
-
-
-def _load_checkpoint(path: Path, blob: bytes, model: nn.Module, ema: EMA, optimizer,
-                     config) -> dict:
-    try:
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError,
-            pickle.UnpicklingError) as err:
-        raise ValueError(f"checkpoint {path} does not match this model or is corrupt: "
-                         f"{str(err).splitlines()[0]}") from err
-    mine = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
-    theirs = {k: v for k, v in state["config"].items() if k not in _RESUMABLE}
-    if mine != theirs:
-        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
-        raise ValueError(f"checkpoint {path} was written with other settings: {diff}")
-    return state
-
-
 def straighten(
     model: nn.Module,
     train,
@@ -206,86 +154,32 @@ def straighten(
     rows = dist.rank_slice(config.batch_size)  # this rank's rows of every global batch
     dist.check_ready()
     device = dist.device(resolve_device(config.device))
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and dist.is_main:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-    model.to(device).train()
+    model.to(device)
     dtype = params[0].dtype
     train = train.to(device)
     val = val.to(device) if val is not None and len(val) else None
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    ema = EMA(model, config.ema_decay)  # restarted from the teacher's weights
-    start, losses, val_losses, earlier_s = 0, [], [], 0.0
-    blob = _read_checkpoint(ckpt, dist)
-    if blob is not None:
-        state = _load_checkpoint(ckpt, blob, model, ema, optimizer, config)
-        start, losses, val_losses = state["step"], state["losses"], state["val_losses"]
-        earlier_s = float(state.get("wall_seconds", 0.0))
-    # DDP averages the gradients over ranks in backward (and checks that every rank holds
-    # the same weights); the EMA, the optimizer and the checkpoint see the module itself.
-    net = model
-    if dist.active:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def save(step_done: int) -> None:
-        if dist.is_main:
-            _save_atomic({"step": step_done, "model": model.state_dict(),
-                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                          "losses": losses, "val_losses": val_losses,
-                          "config": config.to_dict(),
-                          "wall_seconds": earlier_s + time.perf_counter() - started}, ckpt)
-        dist.barrier()  # the file is in place before any rank goes on (or is killed)
-        if on_checkpoint is not None:
-            on_checkpoint(step_done)
-
-    bar = tqdm(total=config.iterations, initial=start, desc="straighten", dynamic_ncols=True,
-               disable=not config.progress or not dist.is_main)
-    window: list[float] = []
-    started = time.perf_counter()
-    for step in range(start, config.iterations):
+    def step_loss(net: nn.Module, step: int) -> Tensor:
+        """L_s on this rank's shard of the global batch drawn from ``step_generator(seed, s)``."""
         gen = step_generator(config.seed, step)
         index = torch.randint(len(train), (config.batch_size,), generator=gen)  # (B,)
         x, t, target = train.batch(index, gen)  # the global batch, the same on every rank
         x, t, target = x[rows], t[rows], target[rows]  # (B / W, ...): this rank's shard
-        loss = F.mse_loss(net(x.to(dtype), t.to(dtype)), target.to(dtype))
-        value = float(dist.all_mean(loss)) if dist.active else float(loss.item())
-        if not math.isfinite(value):
-            bar.close()
-            raise FloatingPointError(f"straightening loss is {value} at step {step}")
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * (min(1.0, (step + 1) / config.warmup)
-                                       if config.warmup else 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        ema.update(model, step)
-        losses.append([step, value])
-        window.append(value)
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.iterations:
-            val_loss = straightening_loss(ema.model, val, seed=config.seed) if val else None
-            if val_loss is not None:
-                val_losses.append([done, val_loss])
-            mean = float(np.mean(window))
-            window.clear()
-            bar.set_postfix(loss=f"{mean:.4f}",
-                            val=f"{val_loss:.4f}" if val_loss is not None else "-")
-            bar.update(done - bar.n)
-            if callback is not None and dist.is_main:
-                callback(done, mean, val_loss)
-        if ckpt is not None and ((config.checkpoint_every and done % config.checkpoint_every
-                                  == 0) or done == config.iterations):
-            save(done)
-    bar.close()
-    del net  # DDP's gradient hooks go with it
-    model.eval()
+        return F.mse_loss(net(x.to(dtype), t.to(dtype)), target.to(dtype))
+
+    def held_out(ema_model: nn.Module) -> float:
+        return straightening_loss(ema_model, val, seed=config.seed)
+
+    # The EMA restarts from the teacher's weights (the model as passed in).
+    trained = train_loop(
+        model, step_loss,
+        LoopSettings.of(config, "straightening", config.eval_every, config.checkpoint_every),
+        checkpoint=Checkpoint.at(checkpoint_dir, CHECKPOINT_NAME, config.to_dict(), _RESUMABLE),
+        evaluate=held_out if val is not None else None,
+        callback=callback, on_checkpoint=on_checkpoint, dist=dist)
     return StraightenResult(
-        ema_model=ema.model, model=model,
-        losses=np.array(losses, dtype=np.float64).reshape(-1, 2),
-        val_losses=np.array(val_losses, dtype=np.float64).reshape(-1, 2),
-        step=config.iterations, wall_time_s=earlier_s + time.perf_counter() - started,
-        trainable_params=sum(p.numel() for p in params),
-        total_params=sum(p.numel() for p in model.parameters()), resumed_from=start)
+        ema_model=trained.ema_model, model=model, losses=trained.losses,
+        val_losses=trained.val_losses, step=trained.step, wall_time_s=trained.wall_time_s,
+        trainable_params=trained.trainable_params,
+        total_params=sum(p.numel() for p in model.parameters()),
+        resumed_from=trained.resumed_from)

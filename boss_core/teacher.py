@@ -8,31 +8,34 @@ For data x1, noise z ~ N(0, I) and t ~ U[0, 1] (t = 0 noise, t = 1 data):
 i.e. the squared error averaged over the D = prod(data_shape) dimensions and the batch
 (``F.mse_loss``), so the learning rate does not depend on the image size.
 
+Trained by ``boss_core.training.train`` (Adam with a linear warm-up, grad-norm clipping, the
+EMA of ``boss_core.ema``, the checkpoint ``teacher.pt`` written every ``log_every`` steps).
 Step s draws its batch indices, noise, times (and label drop-out) from ``step_generator(seed, s)``
 on the CPU, then moves them to the device; with Adam state and the EMA warm-up depending only on
-s, a run resumed from ``TeacherResult.state_dict()`` at step s is bit-identical on the CPU to an
-uninterrupted one.
+s, a run resumed from its checkpoint at step s is bit-identical on the CPU to an uninterrupted
+one.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import time
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
-from .ema import EMA
 from .seeds import step_generator
+from .training import Checkpoint, LoopSettings
+from .training import train as train_loop
+
+CHECKPOINT_NAME = "teacher.pt"
+# Settings that may change between an interrupted run and its resume.
+_RESUMABLE = {"iterations", "progress", "log_every", "device"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class TeacherConfig(ConfigMixin):
     label_dropout: probability of replacing a label by the "no label" token (class-conditional
         training only), which also trains the unconditional mode.
     device: "cpu", "cuda", "cuda:<i>" or "auto".
-    log_every: steps between progress-bar updates and callback calls.
+    log_every: steps between progress-bar updates, callback calls and checkpoints.
     The defaults train the default digits teacher (``ModelConfig()``) in about 2 minutes on
     2 CPU cores.
     """
@@ -78,19 +81,15 @@ class TeacherConfig(ConfigMixin):
         check_bool("progress", self.progress)
 
 
-
-
 @dataclass(frozen=True)
 class TeacherProgress:
     """Passed to the callback every ``log_every`` steps and after the last step.
 
-    step: optimiser steps completed; loss: mean loss over the steps since the previous call;
-    snapshot(): the resumable state (see ``TeacherResult.state_dict``), built only on demand.
+    step: optimiser steps completed; loss: mean loss over the steps since the previous call.
     """
 
     step: int
     loss: float
-    snapshot: Callable[[], dict[str, Any]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +98,8 @@ class TeacherResult:
 
     ema_model: the EMA weights (use these for sampling); model: the final raw weights.
     losses: (S, 2) float64 array of (step, loss) rows for every step run so far (including the
-    history carried in a ``start_state``).
+    history carried in a resumed checkpoint). wall_time_s: training seconds, across resumes.
+    resumed_from: the checkpoint step this run started at (0: from scratch).
     """
 
     ema_model: nn.Module
@@ -108,25 +108,7 @@ class TeacherResult:
     config: TeacherConfig
     step: int
     wall_time_s: float
-    optimizer_state: dict[str, Any]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Snapshot for ``train_teacher(..., start_state=...)``: model, ema, optimizer, step."""
-        return _snapshot(self.step, self.model, self.ema_model, self.optimizer_state,
-                         self.losses.tolist(), self.config)
-
-
-def _snapshot(step: int, model: nn.Module, ema_model: nn.Module, optimizer_state: dict,
-              losses: list, config: TeacherConfig) -> dict[str, Any]:
-    """Deep copies of everything a resumed run needs (safe to keep while training goes on)."""
-    return {
-        "step": step,
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "ema": {k: v.detach().clone() for k, v in ema_model.state_dict().items()},
-        "optimizer": copy.deepcopy(optimizer_state),
-        "losses": [list(row) for row in losses],
-        "config": config.to_dict(),
-    }
+    resumed_from: int = 0
 
 
 def _check_inputs(model: nn.Module, data: Tensor, labels: Tensor | None) -> int | None:
@@ -159,7 +141,8 @@ def train_teacher(
     config: TeacherConfig,
     labels: Tensor | None = None,
     callback: Callable[[TeacherProgress], None] | None = None,
-    start_state: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> TeacherResult:
     """Train ``model`` as a flow-matching velocity on ``data`` (module doc for the loss).
 
@@ -169,44 +152,27 @@ def train_teacher(
         data: (M, *data_shape) floating tensor, e.g. images in [-1, 1].
         labels: (M,) int64 class labels; used only when the model has ``num_classes``.
         callback: called with a ``TeacherProgress`` every ``log_every`` steps and at the end.
-        start_state: a ``TeacherResult.state_dict()`` to resume from (its step <= iterations).
+        checkpoint_dir: where ``teacher.pt`` is written every ``log_every`` steps and at the
+            end (atomically); an existing one there is resumed from.
+        on_checkpoint: ``on_checkpoint(step)`` right after each checkpoint is in place.
     Raises:
-        ValueError: bad data, labels or start_state (before any compute).
+        ValueError: bad data or labels (before any compute); a checkpoint that is corrupt,
+            from another architecture or other settings, or past ``iterations``.
         FloatingPointError: the loss became NaN or Inf; the message names the step.
     """
     if not isinstance(config, TeacherConfig):
         raise ValueError(f"config must be a TeacherConfig, got {type(config).__name__}")
     num_classes = _check_inputs(model, data, labels)
-    start_step = 0 if start_state is None else int(start_state["step"])
-    if not 0 <= start_step <= config.iterations:
-        raise ValueError(f"start_state step {start_step} is outside [0, {config.iterations}]")
     device = resolve_device(config.device)
 
-    model.to(device).train()
+    model.to(device)
     dtype = next(model.parameters()).dtype
     data = data.to(device=device, dtype=dtype)
     labels = labels.to(device=device, dtype=torch.long) if num_classes is not None else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    ema = EMA(model, config.ema_decay)
-    history: list[tuple[int, float]] = []
-    if start_state is not None:
-        model.load_state_dict(start_state["model"])
-        ema.load_state_dict(start_state["ema"])
-        optimizer.load_state_dict(start_state["optimizer"])
-        history = [(int(s), float(v)) for s, v in start_state.get("losses", [])]
-
     n_data, data_shape = data.shape[0], tuple(data.shape[1:])
-    bar = tqdm(
-        total=config.iterations, initial=start_step, disable=not config.progress,
-        desc="teacher", dynamic_ncols=True,
-    )
-    window: list[float] = []
 
-    def snapshot(step_done: int) -> dict[str, Any]:
-        return _snapshot(step_done, model, ema.model, optimizer.state_dict(), history, config)
-
-    started = time.perf_counter()
-    for step in range(start_step, config.iterations):
+    def step_loss(net: nn.Module, step: int) -> Tensor:
+        """L_s on the batch drawn from ``step_generator(seed, s)`` (module doc)."""
         gen = step_generator(config.seed, step)
         index = torch.randint(n_data, (config.batch_size,), generator=gen)  # (B,)
         noise = torch.randn((config.batch_size, *data_shape), generator=gen)  # (B, *data_shape)
@@ -223,43 +189,15 @@ def train_teacher(
                 drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout
                 y = torch.where(drop.to(device), torch.full_like(y, num_classes), y)
             extras["y"] = y
+        return F.mse_loss(net(x_t, t, **extras), x1 - z)
 
-        loss = F.mse_loss(model(x_t, t, **extras), x1 - z)
-        loss_value = float(loss.item())
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise FloatingPointError(f"teacher loss is {loss_value} at step {step}")
+    def report(step: int, loss: float, _val: float | None) -> None:
+        callback(TeacherProgress(step, loss))
 
-        lr_scale = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_scale
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.update(model, step)
-
-        history.append((step, loss_value))
-        window.append(loss_value)
-        step_done = step + 1
-        if step_done % config.log_every == 0 or step_done == config.iterations:
-            mean_loss = float(np.mean(window))
-            window.clear()
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            bar.update(step_done - bar.n)
-            if callback is not None:
-                callback(TeacherProgress(step_done, mean_loss, lambda s=step_done: snapshot(s)))
-    bar.close()
-    wall = time.perf_counter() - started
-
-    model.eval()
+    trained = train_loop(
+        model, step_loss, LoopSettings.of(config, "teacher", config.log_every, config.log_every),
+        checkpoint=Checkpoint.at(checkpoint_dir, CHECKPOINT_NAME, config.to_dict(), _RESUMABLE),
+        callback=report if callback is not None else None, on_checkpoint=on_checkpoint)
     return TeacherResult(
-        ema_model=ema.model,
-        model=model,
-        losses=np.array(history, dtype=np.float64).reshape(-1, 2),
-        config=config,
-        step=config.iterations,
-        wall_time_s=wall,
-        optimizer_state=copy.deepcopy(optimizer.state_dict()),
-    )
+        ema_model=trained.ema_model, model=model, losses=trained.losses, config=config,
+        step=trained.step, wall_time_s=trained.wall_time_s, resumed_from=trained.resumed_from)

@@ -1,4 +1,5 @@
-"""Teacher checkpoints: a bad file is refused by name, and loading never runs its code."""
+"""Training checkpoints (boss_core.training): a bad file is refused by name, loading never runs
+its code, and the file is replaced atomically."""
 
 from __future__ import annotations
 
@@ -9,58 +10,60 @@ import torch
 from byo_models import UNPICKLED, Opaque
 
 from boss_core.models import ModelConfig, build_model
-from boss_core.teacher import TeacherConfig, train_teacher
-from tasks.teacher import load_checkpoint
+from boss_core.teacher import CHECKPOINT_NAME, TeacherConfig, train_teacher
 
 SHAPE = (1, 8, 8)
+DATA = torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(0))
+SMALL = ModelConfig(arch="mlp", hidden=16, depth=1)
 
 
-def _good(tmp_path, config=None):
-    model = build_model(config or ModelConfig(arch="mlp", hidden=16, depth=1), SHAPE, seed=0)
-    states = []
-    train_teacher(model, torch.randn(32, *SHAPE), TeacherConfig(
-        iterations=4, batch_size=8, log_every=2, device="cpu", progress=False),
-        callback=lambda p: states.append(p.snapshot()))
-    path = tmp_path / "teacher.pt"
-    torch.save(states[-1], path)
-    return path
+def teach(folder, model_config=SMALL, iterations=4, seed=1):
+    """A 4-step teacher checkpointed in ``folder`` (every 2 steps)."""
+    model = build_model(model_config, SHAPE, seed=seed)
+    return train_teacher(model, DATA, TeacherConfig(
+        iterations=iterations, batch_size=8, log_every=2, device="cpu", progress=False),
+        checkpoint_dir=folder)
 
 
-def test_a_good_checkpoint_loads(tmp_path):
-    path = _good(tmp_path)
-    model = build_model(ModelConfig(arch="mlp", hidden=16, depth=1), SHAPE, seed=1)
-    assert load_checkpoint(path, model)["step"] == 4
+def test_a_good_checkpoint_is_resumed_and_replaced_without_leftovers(tmp_path):
+    teach(tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["step"] == 4 and len(state["losses"]) == 4 and state["wall_seconds"] > 0
+    assert set(state) == {"step", "model", "ema", "optimizer", "losses", "val_losses",
+                          "config", "wall_seconds"}
+    resumed = teach(tmp_path, iterations=6)
+    assert resumed.resumed_from == 4 and resumed.losses.shape == (6, 2)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 6
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary left
 
 
 def test_truncated_corrupt_and_foreign_files_are_named(tmp_path):
-    model = build_model(ModelConfig(arch="mlp", hidden=16, depth=1), SHAPE, seed=1)
-    good = _good(tmp_path).read_bytes()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good[: len(good) // 2])
-    text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint at all")
-    other = tmp_path / "dict.pt"
-    torch.save({"weights": torch.zeros(3)}, other)
-    for path, match in ((truncated, "corrupt"), (text, "corrupt"), (other, "not a teacher")):
-        with pytest.raises(ValueError, match=match) as err:
-            load_checkpoint(path, model)
-        assert str(path) in str(err.value)
+    teach(tmp_path / "good")
+    good = (tmp_path / "good" / CHECKPOINT_NAME).read_bytes()
+    files = {"truncated": good[: len(good) // 2], "text": b"not a checkpoint at all"}
+    for name, data in files.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CHECKPOINT_NAME).write_bytes(data)
+    (tmp_path / "dict").mkdir()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "dict" / CHECKPOINT_NAME)
+    for name in ("truncated", "text", "dict"):
+        path = tmp_path / name / CHECKPOINT_NAME
+        with pytest.raises(ValueError, match="does not match this model or is corrupt") as err:
+            teach(path.parent)
+        assert str(path) in str(err.value) and "delete it" in str(err.value)
 
 
 def test_another_architecture_is_refused(tmp_path):
-    path = _good(tmp_path, ModelConfig(arch="mlp", hidden=32, depth=1))
-    model = build_model(ModelConfig(arch="mlp", hidden=16, depth=1), SHAPE, seed=1)
-    with pytest.raises(ValueError, match="another architecture") as err:
-        load_checkpoint(path, model)
-    assert str(path) in str(err.value)
+    teach(tmp_path, ModelConfig(arch="mlp", hidden=32, depth=1))
+    with pytest.raises(ValueError, match="does not match this model") as err:
+        teach(tmp_path)
+    assert str(tmp_path / CHECKPOINT_NAME) in str(err.value)
 
 
 def test_a_pickled_object_is_never_unpickled(tmp_path):
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as handle:
+    with open(tmp_path / CHECKPOINT_NAME, "wb") as handle:
         pickle.dump({"step": 1, "model": Opaque("ran")}, handle)
     UNPICKLED.clear()
-    model = build_model(ModelConfig(arch="mlp", hidden=16, depth=1), SHAPE, seed=1)
-    with pytest.raises(ValueError, match="corrupt or not a checkpoint"):
-        load_checkpoint(path, model)
+    with pytest.raises(ValueError, match="corrupt"):
+        teach(tmp_path)
     assert UNPICKLED == []

@@ -13,7 +13,7 @@ from boss_core.grids import uniform_grid
 from boss_core.models import ModelConfig, build_model
 from boss_core.sampling import euler_sample
 from boss_core.seeds import sample_noise, step_generator
-from boss_core.teacher import TeacherConfig, TeacherProgress, train_teacher
+from boss_core.teacher import CHECKPOINT_NAME, TeacherConfig, train_teacher
 
 TINY = ModelConfig(arch="mlp", hidden=32, depth=1, time_embed_dim=16)
 
@@ -65,27 +65,42 @@ def test_same_seed_is_bit_identical_and_another_seed_differs():
     assert not torch.equal(a, c)
 
 
-def test_resume_from_a_snapshot_is_bit_identical_to_an_uninterrupted_run():
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(step: int):
+    def hook(done: int) -> None:
+        if done == step:
+            raise Interrupt
+    return hook
+
+
+def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     data = toy_data()
-    snapshots = {}
-
-    def keep(progress: TeacherProgress):
-        snapshots[progress.step] = progress.snapshot()
-
-    full = train_teacher(build_model(TINY, (2,), seed=0), data, quick(), callback=keep)
-    assert sorted(snapshots) == [10, 20, 30]
-    # Resume from the step-10 callback snapshot into a differently initialised model.
+    seen = []
+    full = train_teacher(build_model(TINY, (2,), seed=0), data, quick(),
+                         callback=lambda p: seen.append(p.step))
+    assert seen == [10, 20, 30]
+    # Killed right after the step-10 checkpoint, resumed into a differently initialised model.
+    with pytest.raises(Interrupt):
+        train_teacher(build_model(TINY, (2,), seed=0), data, quick(), checkpoint_dir=tmp_path,
+                      on_checkpoint=stop_at(10))
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 10
     resumed = train_teacher(build_model(TINY, (2,), seed=9), data, quick(),
-                            start_state=snapshots[10])
-    # ... and from the state_dict of a run stopped after 20 steps.
-    stopped = train_teacher(build_model(TINY, (2,), seed=0), data, quick(iterations=20))
+                            checkpoint_dir=tmp_path, on_checkpoint=seen.append)
+    assert resumed.resumed_from == 10 and seen[3:] == [20, 30]
+    # ... and a finished 20-step run continued to 30 (iterations may change on resume).
+    train_teacher(build_model(TINY, (2,), seed=0), data, quick(iterations=20),
+                  checkpoint_dir=tmp_path / "b")
     resumed20 = train_teacher(build_model(TINY, (2,), seed=9), data, quick(),
-                              start_state=stopped.state_dict())
+                              checkpoint_dir=tmp_path / "b")
     for other in (resumed, resumed20):
         assert torch.equal(flat_params(other.model), flat_params(full.model))
         assert torch.equal(flat_params(other.ema_model), flat_params(full.ema_model))
         assert (other.losses == full.losses).all()
     assert full.losses[:, 0].tolist() == list(range(30))
+    assert full.resumed_from == 0 and resumed20.resumed_from == 20
 
 
 def test_teacher_learns_a_two_mode_distribution():
@@ -146,9 +161,17 @@ def test_config_rejects_unknown_keys_and_bad_values():
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             TeacherConfig(**bad)
-    with pytest.raises(ValueError, match="step 99"):
-        train_teacher(build_model(TINY, (2,), seed=0), toy_data(), quick(),
-                      start_state={"step": 99})
+
+
+def test_a_checkpoint_past_iterations_or_with_other_settings_is_refused(tmp_path):
+    data = toy_data()
+    train_teacher(build_model(TINY, (2,), seed=0), data, quick(), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="step 30, past iterations = 20"):
+        train_teacher(build_model(TINY, (2,), seed=0), data, quick(iterations=20),
+                      checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"other settings: \['lr', 'seed'\]"):
+        train_teacher(build_model(TINY, (2,), seed=0), data, quick(lr=3e-3, seed=1),
+                      checkpoint_dir=tmp_path)
 
 
 def test_resolve_device(monkeypatch):
