@@ -158,6 +158,8 @@ def teacher_pairs(velocity: VelocityFn, schedules: Mapping[Hashable, Schedule], 
     """
     n = check_n_steps(n_steps)
     paths = {key: _check_schedule(s, n) for key, s in schedules.items()}
+    if not paths and not reflow:  # no student learns from the teacher: no teacher pass
+        return {}, None
     union = sorted({i for p in paths.values() for i in p} | ({0, n} if reflow else set()))
     pos = {i: a for a, i in enumerate(union)}
     parts: dict[Hashable, list[ChordPairs]] = {key: [] for key in paths}

@@ -51,9 +51,9 @@ class SweepConfig(ConfigMixin):
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "nfes", tuple(self.nfes))
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown} in methods; known: {list(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown} in methods; known: {list(REGISTRY)}")
         for name in ("n_steps", "search_samples", "pair_samples", "eval_samples", "batch_size",
                      "lora_rank"):
             check_int(name, getattr(self, name), 1)
