@@ -89,7 +89,9 @@ def trajectory_cost_sum(traj: Trajectory, *, method: str = "gram") -> np.ndarray
             on states detrended by their chord; rounding is ~1e-16 of the squared bend per
             entry (c(i, i+1) is a few 1e-13 or less, not 0). "direct" forms each residual in
             the model's dtype (c(i, i+1) exactly 0, per-sample exact, so batch-size
-            independent entry by entry); about 5x slower, used as the reference.
+            independent entry by entry), used as the reference. It makes this sum about 6x
+            slower, but the teacher's network calls dominate: a whole ``cost_matrix`` call
+            on the digits U-Net is about 10% slower (bench/cost_methods.py).
     Returns:
         (N + 1, N + 1) float64 sums, zero on and below the diagonal.
     """
