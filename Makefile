@@ -30,16 +30,16 @@ $(STAMP):
 install: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
-# The embedded digits are written byte-for-byte as data.dvc records them, so a fresh clone
-# needs no DVC remote; then DVC runs what is out of date.
+# dvc.yaml's data stage writes the embedded digits (recorded in dvc.lock), so a fresh clone
+# needs no DVC remote; dvc.yaml is regenerated first (it follows params.yaml's
+# model.import_path and the method registry), then DVC runs what is out of date.
 run: install
-	$(PY) -m tasks.cli.embed --root data
+	$(PY) -m tasks.cli.dvcyaml
 	dvc repro $(RUN_ARGS)
 	@cat results/metrics.md
 	@echo "Results: results/ (dvc metrics show, dvc plots show); MLflow: make ui"
 
 run-paper: install
-	$(PY) -m tasks.cli.embed --root data
 	dvc exp run $$($(PY) -m tasks.cli.profile params.paper.yaml --dvc-args) $(RUN_ARGS)
 
 demo: install

@@ -211,6 +211,18 @@ def trained_names() -> tuple[str, ...]:
     return tuple(name for name, m in REGISTRY.items() if m.trained)
 
 
+def row_names() -> tuple[str, ...]:
+    """Every registered method but the reference row (the lines of the plots)."""
+    return tuple(name for name, m in REGISTRY.items() if not m.reference)
+
+
+def grid_search_names() -> tuple[str, ...]:
+    """The searches on the teacher's fine grid (cost matrix or teacher paths): the schedules a
+    student can learn (``sweep.straighten_schedule``) and whose step sizes are plotted."""
+    return tuple(name for name, m in REGISTRY.items()
+                 if m.search is not None and m.search.needs != "nothing")
+
+
 def searching_names() -> tuple[str, ...]:
     """The methods with a schedule search of their own (``sweep.straighten_schedule`` picks
     among them)."""

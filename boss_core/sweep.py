@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from . import protocol
 from .config import ConfigMixin, check_int, check_number
-from .methods import REGISTRY, MethodOptions, default_names, names, trained_names
+from .methods import (
+    REGISTRY,
+    MethodOptions,
+    default_names,
+    grid_search_names,
+    names,
+    trained_names,
+)
 from .protocol import Cost, metrics_frame
 from .seeds import pairs_seed, sample_noise, search_seed
 from .shards import cost_shard, merge_costs, merge_pairs, pairs_shard, sample_shard
@@ -67,8 +74,7 @@ class SweepConfig(ConfigMixin):
                 raise ValueError(f"nfes entry {k} exceeds n_steps={self.n_steps}")
         check_number("holdout_fraction", self.holdout_fraction, lambda v: 0 <= v < 1,
                      "in [0, 1)")
-        grid_searches = [name for name, m in REGISTRY.items()
-                         if m.search is not None and m.search.needs != "nothing"]
+        grid_searches = list(grid_search_names())
         if self.straighten_schedule not in grid_searches:
             raise ValueError(f"straighten_schedule must name a searched schedule, one of "
                              f"{grid_searches} (bellman is BOSS), got "

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from boss_core.methods import get
+from boss_core.methods import get, grid_search_names, row_names
 from boss_core.protocol import metrics_frame
 
 from .runtime import plots
@@ -23,6 +23,8 @@ from .runtime.io import load_tensors, read_json, write_text
 from .runtime.step import StepContext, main, prefect_task
 
 NAME, SECTIONS = ("report", ("sweep", "run"))
+METHOD_COLUMNS = ["method", "nfe", "fid", "endpoint_rmse"]
+STEP_COLUMNS = ["method", "nfe", "step", "t_start", "t_end", "step_size"]
 
 
 def run(ctx: StepContext) -> dict:
@@ -33,10 +35,9 @@ def run(ctx: StepContext) -> dict:
     plots.fid_vs_nfe(metrics, key, figures / f"{key}_vs_nfe.png")
     plots.endpoint_vs_nfe(metrics, figures / "endpoint_vs_nfe.png")
     rows = plots.metrics_long_rows(metrics)
-    for method in metrics:  # one file per method: DVC plots draw one line per file
-        if method != "teacher":
-            plots.write_csv_atomic([r for r in rows if r["method"] == method],
-                                   tables / "methods" / f"{method}.csv")
+    for method in row_names():  # one file per method: DVC plots draw one line per file
+        plots.write_csv_atomic([r for r in rows if r["method"] == method],
+                               tables / "methods" / f"{method}.csv", header=METHOD_COLUMNS)
     schedules = load_schedules(ws)
     cost, _ = load_cost(ws)
     searched = {k: list(sch.indices) for k, sch in schedules["bellman"].items()}
@@ -47,10 +48,9 @@ def run(ctx: StepContext) -> dict:
     times = {name: {k: list(schedules[name][k].times) for k in s.nfes} for name in shown}
     plots.step_sizes(times["bellman"], figures / "step_sizes.png")
     steps = plots.step_sizes_table(times)
-    for name in shown:
-        for k in s.nfes:
-            plots.write_csv_atomic([r for r in steps if r["nfe"] == k and r["method"] == name],
-                                   tables / "steps" / f"{name}_nfe_{k}.csv")
+    for name in grid_search_names():  # every K of a schedule in one file (a scatter in DVC)
+        plots.write_csv_atomic([r for r in steps if r["method"] == name],
+                               tables / "steps" / f"{name}.csv", header=STEP_COLUMNS)
     samples, _ = load_tensors(ws.step("evaluate") / "samples.safetensors")
     for name, grid in samples.items():
         plots.sample_grid(grid, figures / "samples" / f"{name}.png", title=name)

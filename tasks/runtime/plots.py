@@ -45,15 +45,18 @@ def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
     return fig
 
 
-def write_csv_atomic(rows: list[dict], path: str | os.PathLike) -> Path:
+def write_csv_atomic(rows: list[dict], path: str | os.PathLike,
+                     header: list[str] | None = None) -> Path:
     """Write ``rows`` as a CSV atomically (a temporary beside ``path``, then ``os.replace``).
 
-    The header is the first row's keys, followed by any keys first seen in later rows (missing
-    cells are left empty), so a teacher row without e.g. ``kid`` does not break the file.
+    The header is ``header`` followed by the first row's keys and any keys first seen in later
+    rows (missing cells are left empty), so a teacher row without e.g. ``kid`` does not break
+    the file. With no rows, ``header`` alone is written (a plot line with no points: DVC's
+    plot definitions name a file for every registered method, selected or not).
     """
-    if not rows:
-        raise ValueError("write_csv_atomic: no rows to write")
-    fields = list(dict.fromkeys(k for row in rows for k in row))
+    if not rows and not header:
+        raise ValueError("write_csv_atomic: no rows and no header to write")
+    fields = list(dict.fromkeys([*(header or []), *(k for row in rows for k in row)]))
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
