@@ -1,8 +1,11 @@
 """The whole pipeline as one Prefect flow: ``boss_pipeline(overrides, params_file, run_dir)``.
 
-The flow chains the step tasks of ``tasks/`` in the order of ``dvc.yaml`` (prepare, teacher,
-features, cost, schedules, pairs, the four straighten methods, evaluate, report). It is what
-``python -m flows.serve`` deploys as ``boss-pipeline/<name>``::
+The flow chains the step tasks of ``tasks/`` as ``dvc.yaml`` does (``pipeline_steps``: prepare,
+teacher, features, cost, schedules, pairs, one straighten step per method, evaluate, report),
+each after the steps whose outputs it reads. ``scale.flow_concurrency`` steps run at once when
+they are independent (teacher beside features, the straightening methods beside each other;
+flows/graph.py says how torch threads are shared); 1 (the default) runs them one after the
+other in that order. It is what ``python -m flows.serve`` deploys as ``boss-pipeline/<name>``::
 
     prefect deployment run 'boss-pipeline/boss-default' \\
         --param overrides='{"straighten.iterations": 100}' --watch
@@ -11,7 +14,9 @@ Each flow run writes into its own folder, ``runs/<flow run name>/`` under the re
 ``run_dir``), with the layout of the DVC workspace (outputs/, results/, checkpoints/) plus
 the effective ``params.yaml``; the DVC workspace at the repo root is never touched. Params
 (with overrides) are checked before any compute: a bad key fails the flow at once, naming
-the key. All steps log nested MLflow runs under one parent run per flow run.
+the key. All steps log nested MLflow runs under one parent run per flow run. A finished run
+publishes its results table and its FID (or SWD) against NFE figure as Prefect artifacts
+(flows/publish.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 from prefect import flow
 
+from flows.graph import Step, run_graph
+from flows.publish import publish_results
 from flows.runs import (  # noqa: F401 (the flow's helpers, re-exported for callers)
     RunPlan,
     default_run_dir,
@@ -46,6 +53,7 @@ from tasks import (
     teacher,
 )
 from tasks.runtime.io import read_json
+from tasks.runtime.params import Params
 
 log = logging.getLogger("boss")
 
@@ -53,18 +61,41 @@ FLOW_NAME = "boss-pipeline"
 STRAIGHTEN_METHODS = ("boss", "boss_lora", "reflow_uniform", "distill_uniform")
 
 
-def run_steps(plan: RunPlan) -> None:
-    """The step tasks in dvc.yaml's order; each raises on failure (no compute retries)."""
+def straighten_methods(params: Params) -> list[str]:
+    """The methods that get a straighten step (each writes outputs/students/<method>; one left
+    out of ``sweep.methods`` writes an empty folder, as its DVC stage does)."""
+    return list(STRAIGHTEN_METHODS)
+
+
+def pipeline_steps(plan: RunPlan) -> list[Step]:
+    """The steps in dvc.yaml's order, each ``after`` the stages whose outputs dvc.yaml lists
+    among its deps (tests/test_flow.py checks the two agree)."""
     params, ws = plan.params, plan.ws
-    for module in (prepare, teacher, features, cost, schedules, pairs):
-        module.task(params, ws)
-    for method in STRAIGHTEN_METHODS:
-        if params.scale.world_size > 1:  # DDP: torchrun in a child process
-            launched_task(method)(plan)
+    run = (params, ws)
+    students = []
+    steps = [Step("prepare", prepare.task, run),
+             Step("teacher", teacher.task, run, ("prepare",)),
+             Step("features", features.task, run, ("prepare",)),
+             Step("cost", cost.task, run, ("prepare", "teacher")),
+             Step("schedules", schedules.task, run, ("teacher", "cost")),
+             Step("pairs", pairs.task, run, ("teacher", "schedules"))]
+    for method in straighten_methods(params):
+        name, inputs = f"straighten_{method}", ("teacher", "schedules", "pairs")
+        if params.scale.world_size > 1:  # DDP: torchrun in a child process, sized for the machine
+            steps.append(Step(name, launched_task(method), (plan,), inputs, exclusive=True))
         else:
-            straighten.make_task(method)(params, ws)
-    evaluate.task(params, ws)
-    report.task(params, ws)
+            steps.append(Step(name, straighten.make_task(method), run, inputs))
+        students.append(name)
+    steps += [Step("evaluate", evaluate.task, run,
+                   ("prepare", "teacher", "features", "schedules", *students)),
+              Step("report", report.task, run, ("cost", "schedules", "evaluate", *students))]
+    return steps
+
+
+def run_steps(plan: RunPlan) -> dict[str, Any]:
+    """Every step, ``scale.flow_concurrency`` at once; a failed step fails the run (no
+    compute retries). Returns {step: summary}."""
+    return run_graph(pipeline_steps(plan), plan.params.scale.flow_concurrency)
 
 
 @flow(name=FLOW_NAME, log_prints=True, retries=0)
@@ -89,7 +120,8 @@ def boss_pipeline(overrides: dict[str, Any] | None = None, params_file: str = "p
     with parent_run(plan) as parent:
         run_steps(plan)
     metrics = read_json(plan.ws.results / "metrics.json")
+    artifacts = publish_results(plan)
     summary = {"run_dir": str(plan.run_dir), "mlflow_parent_run_id": parent,
-               **headline(metrics)}
+               "artifacts": artifacts, **headline(metrics)}
     print(f"boss-pipeline done: {plan.run_dir}")
     return summary
