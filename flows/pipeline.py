@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect import flow
 
+from boss_core.methods import trained_names
 from flows.graph import Step, run_graph
 from flows.publish import publish_results
 from flows.runs import (  # noqa: F401 (the flow's helpers, re-exported for callers)
@@ -58,13 +59,12 @@ from tasks.runtime.params import Params
 log = logging.getLogger("boss")
 
 FLOW_NAME = "boss-pipeline"
-STRAIGHTEN_METHODS = ("boss", "boss_lora", "reflow_uniform", "distill_uniform")
 
 
 def straighten_methods(params: Params) -> list[str]:
     """The methods that get a straighten step (each writes outputs/students/<method>; one left
     out of ``sweep.methods`` writes an empty folder, as its DVC stage does)."""
-    return list(STRAIGHTEN_METHODS)
+    return list(trained_names())
 
 
 def pipeline_steps(plan: RunPlan) -> list[Step]:
