@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigMixin, check_bool, check_device_name, check_int, check_number
 from .device import resolve_device
-from .seeds import sample_seed, step_generator
+from .seeds import sample_seed, seeded, step_generator
 
 _STREAM_SPLIT, _STREAM_INIT = 2, 3  # seed streams of boss_core.seeds used here
 _POOL = 4  # every image is pooled to _POOL x _POOL before the feature layer
@@ -150,8 +150,7 @@ def train_feature_net(images: Tensor, labels: Tensor | None,
     x_train = images[train_idx].to(device=device, dtype=torch.float32)  # (M_train, C, H, W)
     y_train = labels[train_idx].to(device=device, dtype=torch.long)  # (M_train,)
 
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-        torch.manual_seed(sample_seed(config.seed, 0, _STREAM_INIT))
+    with seeded(sample_seed(config.seed, 0, _STREAM_INIT)):  # global RNG untouched, locked
         net = FeatureNet(images.shape[1], int(labels.max()) + 1, config.feature_dim)
     net.to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -224,8 +223,9 @@ def load_feature_net(path: str | Path, device: str = "cpu") -> FeatureNet:
         if meta.get("format") != "boss-feature-net":
             raise ValueError("no 'boss-feature-net' format tag in its metadata")
         arch = json.loads(meta["arch"])
-        net = FeatureNet(int(arch["in_channels"]), int(arch["num_classes"]),
-                         int(arch["feature_dim"]))
+        with seeded():  # the throw-away init still draws from the global RNG
+            net = FeatureNet(int(arch["in_channels"]), int(arch["num_classes"]),
+                             int(arch["feature_dim"]))
         net.load_state_dict(tensors)
     except Exception as err:  # safetensors, JSON, key and shape errors all mean a bad file
         raise ValueError(f"feature net file {str(path)!r} is corrupt or mismatching: {err}"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import os
 
-import torch
 from torch import nn
+
+from .seeds import seeded
 
 LORA_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -59,8 +60,7 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=sorted(ranks), rank_pattern=capped,
                         alpha_pattern={n: alpha * r / rank for n, r in capped.items()})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):  # A's init from seed alone; global RNG untouched, locked
         return get_peft_model(copy.deepcopy(model), config)
 
 
@@ -89,6 +89,7 @@ def load_lora_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise ValueError(f"no LoRA adapter in {path} (adapter_config.json is missing)")
     try:
-        return PeftModel.from_pretrained(copy.deepcopy(base_model), path)
+        with seeded():  # the adapter's throw-away init still draws from the global RNG
+            return PeftModel.from_pretrained(copy.deepcopy(base_model), path)
     except (RuntimeError, KeyError, ValueError) as err:
         raise ValueError(f"LoRA adapter in {path} does not match the model: {err}") from err

@@ -2,9 +2,17 @@
 
 Like EDM's ``StackedRandomGenerator``: the noise of sample i is the same whatever the batch
 size, the shard it falls in, or the device, so sharded runs reproduce single-process runs.
+
+Weight initialisation is the one place that still draws from torch's process-wide default
+generator (``nn.Linear``'s init, peft's LoRA init, ...). ``seeded`` serialises those draws under
+one lock, so steps building models in threads of one process do not interleave them.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -79,3 +87,30 @@ def sample_noise(
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator for training step ``step``: resuming at any step replays it exactly."""
     return torch.Generator(device="cpu").manual_seed(sample_seed(seed, step, stream=STEP_STREAM))
+
+
+# Held for every draw from torch's global (default CPU) generator made while building a model.
+# Re-entrant: a seeded build may call another (``build_pretrained`` -> ``build_model``).
+GLOBAL_RNG_LOCK = threading.RLock()
+
+
+@contextmanager
+def seeded(seed: int | None = None) -> Iterator[None]:
+    """Hold ``GLOBAL_RNG_LOCK``; with a seed, also run the block from ``torch.manual_seed(seed)``.
+
+    seed given: the block sees exactly the generator state ``torch.manual_seed(seed)`` makes,
+    and the CPU generator is restored afterwards (``torch.random.fork_rng(devices=[])``), so
+    the global state is left untouched. seed None: the block draws from the global generator
+    as it stands (and advances it), as it would without the lock.
+
+    Only draws made under the lock are kept apart: every construction with a random init in
+    ``boss_core`` runs under it, and code elsewhere that draws from the global generator while
+    other threads may build models (e.g. a third-party network's constructor) should too.
+    """
+    with GLOBAL_RNG_LOCK:
+        if seed is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield

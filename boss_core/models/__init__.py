@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import ConfigMixin, check_int
+from ..seeds import seeded
 from .external import (
     ADAPTERS,
     IMPORT_PATH,
@@ -186,7 +186,9 @@ def build_model(
         data_shape: per-sample shape, e.g. (2,) for 2-D sets or (C, H, W) for images.
         seed: if given, the weights are initialised from ``torch.manual_seed(seed)`` inside a
             forked RNG, so the result is the same whatever the global RNG state and the global
-            state is left untouched.
+            state is left untouched. Without a seed the init draws from the global RNG. Either
+            way the construction holds ``seeds.GLOBAL_RNG_LOCK`` (``seeds.seeded``), so builds in
+            concurrent threads do not interleave their draws.
     Raises:
         ValueError for a bad import_path, or if it does not build an ``nn.Module``.
     """
@@ -196,12 +198,8 @@ def build_model(
     if config.arch == "unet" and len(data_shape) != 3:
         raise ValueError(f"arch 'unet' needs image data (C, H, W), got data_shape {data_shape}")
     factory = import_object(config.import_path) if config.arch == "import" else None
-    if seed is None:
+    with seeded(seed):  # one construction at a time draws from the global RNG
         net = _construct(config, data_shape, factory)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = _construct(config, data_shape, factory)
     return wrap_adapter(net, config.adapter)
 
 
