@@ -17,8 +17,12 @@ images (a hash), never on a name.
 
 Extractors: ``"classifier"`` is ``boss_core.features.FeatureNet`` registered with torch-fidelity
 as ``"boss-classifier"`` (the trained net is handed to each instance; with ``calculate_metrics``
-pass ``feature_extractor_weights_path=`` a ``save_feature_net`` file). ``"inception"`` is
-torch-fidelity's ``inception-v3-compat`` loaded from a local weights file (nothing is downloaded).
+call ``register_classifier_extractor()`` and pass ``feature_extractor_weights_path=`` a
+``save_feature_net`` file). ``"inception"`` is torch-fidelity's ``inception-v3-compat`` loaded
+from a local weights file (nothing is downloaded).
+
+torch-fidelity (and the torchvision it imports) is imported inside the functions that compute,
+never by importing this module, so reading a ``FidelityConfig`` costs no torchvision import.
 """
 
 from __future__ import annotations
@@ -29,29 +33,20 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-from torch_fidelity.metric_fid import (
-    KEY_METRIC_FID,
-    fid_features_to_statistics,
-    fid_statistics_to_metric,
-)
-from torch_fidelity.metric_kid import (
-    KEY_METRIC_KID_MEAN,
-    KEY_METRIC_KID_STD,
-    kid_features_to_metric,
-)
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from .config import ConfigMixin, check_device_name, check_int
 from .device import resolve_device
 from .features import FeatureNet, load_feature_net
 from .metrics import aggregate
+
+if TYPE_CHECKING:
+    from torch_fidelity import FeatureExtractorBase
 
 CLASSIFIER_NAME = "boss-classifier"
 INCEPTION_NAME = "inception-v3-compat"
@@ -59,12 +54,13 @@ EXTRACTORS = ("classifier", "inception")
 KID_SEED = 2020  # torch-fidelity's default rng_seed for the KID subsets
 
 
-class ClassifierExtractor(FeatureExtractorBase):
+class _ClassifierExtractorMethods:
     """torch-fidelity wrapper of a ``FeatureNet``: uint8 (B, 3 or C, H, W) -> features.
 
     Layers: "features" (B, feature_dim), the default for FID/KID/PRC; "logits" (B, classes).
     The net comes from ``feature_net=`` (a module, copied) or ``feature_extractor_weights_path=``
-    (a ``save_feature_net`` file).
+    (a ``save_feature_net`` file). The class torch-fidelity instantiates, ``ClassifierExtractor``,
+    is these methods on ``FeatureExtractorBase``, built by ``register_classifier_extractor``.
     """
 
     def __init__(self, name, features_list, feature_net=None, feature_extractor_weights_path=None,
@@ -106,8 +102,36 @@ class ClassifierExtractor(FeatureExtractorBase):
         return torch.zeros((1, 3, 8, 8), dtype=torch.uint8)
 
 
-if CLASSIFIER_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # registration is module-level, once
-    register_feature_extractor(CLASSIFIER_NAME, ClassifierExtractor)
+_classifier_extractor: type | None = None
+
+
+def register_classifier_extractor() -> type:
+    """``ClassifierExtractor`` (a torch-fidelity ``FeatureExtractorBase``), registered with
+    torch-fidelity as ``"boss-classifier"``; built and registered on the first call only.
+
+    Importing this module imports no torch-fidelity (and so no torchvision): params loading and
+    the stages that compute no FID never pay for it. ``build_extractor`` calls this; call it
+    yourself before ``torch_fidelity.calculate_metrics(feature_extractor="boss-classifier")``.
+    """
+    global _classifier_extractor
+    if _classifier_extractor is None:
+        from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        cls = type("ClassifierExtractor", (_ClassifierExtractorMethods, FeatureExtractorBase),
+                   {"__module__": __name__, "__qualname__": "ClassifierExtractor",
+                    "__doc__": _ClassifierExtractorMethods.__doc__})
+        if CLASSIFIER_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(CLASSIFIER_NAME, cls)
+        _classifier_extractor = cls
+    return _classifier_extractor
+
+
+def __getattr__(name: str):
+    """``boss_core.fidelity.ClassifierExtractor`` (pickle finds the class by this name)."""
+    if name == "ClassifierExtractor":
+        return register_classifier_extractor()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +216,8 @@ class FidelityExtractor:
         self.device = resolve_device(self.config.device)  # the worker's own device
 
     def _features_uint8(self, u: Tensor) -> Tensor:
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
         cuda = self.device.type == "cuda"
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             feats = get_featuresdict_from_dataset(_Images(u), self.module, self.config.batch_size,
@@ -208,6 +234,8 @@ class FidelityExtractor:
         digest = hashlib.blake2b(u.numpy().tobytes() + str(tuple(u.shape)).encode(),
                                  digest_size=16).hexdigest()
         if digest not in self._cache:
+            from torch_fidelity.metric_fid import fid_features_to_statistics
+
             feats = self._features_uint8(u)
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))  # drop the oldest entry
@@ -239,6 +267,8 @@ def build_extractor(config: FidelityConfig,
     """
     if not isinstance(config, FidelityConfig):
         raise ValueError(f"config must be a FidelityConfig, got {type(config).__name__}")
+    from torch_fidelity.utils import create_feature_extractor
+
     cuda = resolve_device(config.device).type == "cuda"
     if config.extractor == "inception":
         path = Path(config.inception_weights)
@@ -256,6 +286,7 @@ def build_extractor(config: FidelityConfig,
                          "(boss_core.features.train_feature_net) or a save_feature_net file")
     if isinstance(feature_net, (str, Path)):
         feature_net = load_feature_net(feature_net)
+    register_classifier_extractor()
     module = create_feature_extractor(CLASSIFIER_NAME, ["features"], cuda=cuda,
                                       feature_net=feature_net, verbose=False)
     return FidelityExtractor(config, module, "features")
@@ -294,6 +325,17 @@ def fid_kid_features(feats: Tensor, reference: ReferenceFeatures,
     Sharded evaluation extracts features on the workers (``FidelityExtractor.features``) and
     scores the merged (M, D) here, so only features travel, never images.
     """
+    from torch_fidelity.metric_fid import (
+        KEY_METRIC_FID,
+        fid_features_to_statistics,
+        fid_statistics_to_metric,
+    )
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
+
     m = config.kid_subset_size
     _check_sizes(feats.shape[0], reference.features.shape[0], m)
     fid = fid_statistics_to_metric(fid_features_to_statistics(feats), reference.fid_stats,

@@ -10,6 +10,14 @@ Finding the parent run, in order:
    shares the tag ``boss.invocation = dvc-<pid>-<start time>`` and so one parent run;
 3. otherwise a new parent run for this process.
 Nothing about the parent is written to DVC-tracked files.
+
+Who makes the MLflow calls (``BOSS_TRACKING_AGENT``): a stage process that has not imported
+MLflow (every DVC stage) sends its calls for a SQLite store to the tracking agent
+(tasks/runtime/tracking_agent.py), which imports MLflow once for all stages: importing MLflow
+and opening the store in every stage process cost more than importing torch. "auto" (the
+default) does that; "1" uses the agent even where MLflow is already imported; "0" never (MLflow
+in this process, as a long-lived process that has imported it, such as the Prefect flow, always
+does). An http(s) tracking server is always called in-process.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +35,7 @@ from typing import Any
 from .workspace import repo_root
 
 PARENT_ENV = "BOSS_PARENT_RUN_ID"
+AGENT_ENV = "BOSS_TRACKING_AGENT"
 OWNER_TAG = "boss.owner"  # host:pid:start time of the process a step run belongs to
 INVOCATION_TAG = "boss.invocation"
 log = logging.getLogger("boss")
@@ -65,14 +75,46 @@ def check_prefect_api() -> None:
         check_reachable(api.rstrip("/") + "/health", "the Prefect API (PREFECT_API_URL)")
 
 
+def use_agent(uri: str) -> bool:
+    """Whether this process sends its MLflow calls to the tracking agent (module doc)."""
+    mode = os.environ.get(AGENT_ENV, "auto").lower()
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"{AGENT_ENV} must be 0, 1 or auto, got {mode!r}")
+    if mode == "0" or not uri.startswith("sqlite:") or not hasattr(os, "fork"):
+        return False  # no AF_UNIX / fcntl agent on Windows
+    return mode == "1" or "mlflow" not in sys.modules
+
+
+def connect(repo: Path):
+    """The client a step logs through: the tracking agent's (``use_agent``), else an
+    ``mlflow.MlflowClient`` with the tracking URI set for this process."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    check_tracking_server(repo)
+    uri = tracking_uri(repo)
+    if use_agent(uri):
+        from .tracking_agent import connect as connect_agent
+
+        client = connect_agent(uri)
+        if client is not None:
+            return client
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
 def setup(repo: Path, experiment: str) -> str:
-    """Point MLflow at the store and experiment; returns the experiment id."""
+    """Point MLflow (in this process) at the store and experiment; returns the experiment id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     check_tracking_server(repo)
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(repo))
-    client = mlflow.MlflowClient()
+    return ensure_experiment(mlflow.MlflowClient(), repo, experiment)
+
+
+def ensure_experiment(client, repo: Path, experiment: str) -> str:
+    """The id of ``experiment``, created (artifacts in <root>/mlartifacts for SQLite) if new."""
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
@@ -157,11 +199,12 @@ def mark_dead_runs_killed(client, experiment_id: str) -> list[str]:
 
 
 def start_parent(experiment_id: str, repo: Path, name: str, params: Mapping[str, Any],
-                 tags: Mapping[str, str] | None = None) -> str:
-    """Create a parent run (left RUNNING) with the flattened params; returns its id."""
-    import mlflow
+                 tags: Mapping[str, str] | None = None, client=None) -> str:
+    """Create a parent run (left RUNNING) with the flattened params; returns its id.
 
-    client = mlflow.MlflowClient()
+    ``client``: default an in-process ``mlflow.MlflowClient`` (after ``setup``).
+    """
+    client = client or _in_process_client()
     all_tags = {"boss.kind": "pipeline", **(tags or {})}
     commit = git_commit(repo)
     if commit:
@@ -171,25 +214,41 @@ def start_parent(experiment_id: str, repo: Path, name: str, params: Mapping[str,
     return run.info.run_id
 
 
-def find_parent(experiment_id: str, repo: Path, params: Mapping[str, Any]) -> str:
+def find_parent(experiment_id: str, repo: Path, params: Mapping[str, Any],
+                client=None) -> str:
+    """The parent run of this invocation (module doc), created if there is none yet."""
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    import mlflow
-
+    client = client or _in_process_client()
     key = _dvc_invocation()
     if key is not None:
-        found = mlflow.MlflowClient().search_runs(
+        found = client.search_runs(
             [experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{key}'", max_results=1)
         if found:
             return found[0].info.run_id
     name = f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}" if key else "pipeline"
     return start_parent(experiment_id, repo, name, params,
-                        {INVOCATION_TAG: key or f"pid-{os.getpid()}"})
+                        {INVOCATION_TAG: key or f"pid-{os.getpid()}"}, client)
+
+
+def _in_process_client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def _entity_types(client) -> tuple[type, type]:
+    """(Param, Metric): MLflow's entities, or the agent client's records (no MLflow import)."""
+    types = getattr(client, "entity_types", None)
+    if types is not None:
+        return types
+    from mlflow.entities import Metric, Param
+
+    return Param, Metric
 
 
 def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
-
+    Param, _ = _entity_types(client)  # noqa: N806 (a class)
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
@@ -210,8 +269,7 @@ def _log_points(client, run_id: str, points) -> None:
     """(name, step, value) triples in batches of 500 (MLflow's limit per call)."""
     import math
 
-    from mlflow.entities import Metric
-
+    _, Metric = _entity_types(client)  # noqa: N806 (a class)
     stamp = int(time.time() * 1000)
     items = [Metric(name, float(v), stamp, int(step)) for name, step, v in points
              if math.isfinite(float(v))]
@@ -228,12 +286,10 @@ def step_run(step: str, repo: Path, experiment: str, params: Mapping[str, Any],
     its earlier metrics); success marks the step FINISHED and the parent FINISHED until the
     next step reopens it, so no run is left RUNNING when the pipeline stops.
     """
-    import mlflow
-
-    experiment_id = setup(repo, experiment)
-    client = mlflow.MlflowClient()
+    client = connect(repo)
+    experiment_id = ensure_experiment(client, repo, experiment)
     mark_dead_runs_killed(client, experiment_id)
-    parent = find_parent(experiment_id, repo, all_params)
+    parent = find_parent(experiment_id, repo, all_params, client)
     if client.get_run(parent).info.status != "RUNNING":
         client.update_run(parent, status="RUNNING")
     tags = {"mlflow.parentRunId": parent, "boss.step": step, OWNER_TAG: process_owner()}
@@ -275,14 +331,13 @@ def register_model(client, run_id: str, name: str, artifact_path: str,
                    tags: Mapping[str, str]) -> str:
     """Register the run's artifact folder ``artifact_path`` (safetensors + config + schedule;
     no pickle) as a new version of ``name``; returns the version."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name, description=(
             "A BOSS-straightened velocity model: model.safetensors (weights + config in its "
             "metadata) and schedule.json. Load with `python -m tasks.cli.sample --registry NAME`."))
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
+    except Exception as err:  # an MlflowException, or the agent's AgentError carrying one
+        text = f"{getattr(err, 'error_code', None)} {err}"
+        if "RESOURCE_ALREADY_EXISTS" not in text and "already exists" not in text:
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = retry(lambda: client.create_model_version(name, source, run_id=run_id,
