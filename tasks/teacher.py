@@ -38,7 +38,7 @@ def run(ctx: StepContext) -> dict:
     out = ctx.ws.step(NAME)
     config = p.model.to_dict()
     if p.model.weights is not None:
-        from boss_core.models.external import build_pretrained
+        from boss_core.models import build_pretrained
 
         weights = str(ctx.ws.data_path(p.model.weights))
         model = build_pretrained(p.model.__class__.from_dict({**config, "weights": weights}),

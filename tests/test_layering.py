@@ -23,10 +23,6 @@ from tasks.runtime.imports import ImportGraph, closure, imported_names, stage_de
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH = ImportGraph(ROOT)
 FORBIDDEN_IN_CORE = {"prefect", "mlflow", "dvc", "yaml", "tasks", "flows"}
-# boss_core/models/external.py: build_pretrained imports build_model from its own package inside
-# the function, and ModelConfig under TYPE_CHECKING; the package imports external at the top.
-# Remove the entry when that is untangled (the test below fails once the cycle is gone).
-KNOWN_CYCLES = [["boss_core.models", "boss_core.models.external"]]
 
 
 # --- the rules: each returns its violations, empty when the rule holds ---------------------
@@ -96,12 +92,7 @@ def test_no_step_module_is_imported_inside_tasks():
 
 
 def test_no_import_cycles_beyond_the_known_one():
-    assert [c for c in GRAPH.cycles() if c not in KNOWN_CYCLES] == []
-
-
-def test_the_known_cycle_is_still_there():
-    """Fails once the cycle is fixed: then empty KNOWN_CYCLES, so it cannot come back."""
-    assert [c for c in KNOWN_CYCLES if c in GRAPH.cycles()] == KNOWN_CYCLES
+    assert GRAPH.cycles() == []
 
 
 def test_the_params_loader_imports_no_fidelity_or_prefect():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from torch import nn
@@ -21,7 +21,6 @@ from ..seeds import seeded
 from .external import (
     ADAPTERS,
     IMPORT_PATH,
-    build_pretrained,
     import_object,
     inner_network,
     load_state_dict_file,
@@ -238,3 +237,24 @@ def _construct(config: ModelConfig, data_shape: tuple[int, ...], factory: Any) -
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_pretrained(
+    config: ModelConfig, data_shape: tuple[int, ...], *, seed: int | None = None
+) -> nn.Module:
+    """Build the network of ``config``, load ``config.weights`` into it and wrap its adapter.
+
+    The weights go into the unwrapped network, so their keys are the network's own (no
+    ``net.`` prefix). ``seed`` only matters for state not in the file (e.g. non-persistent
+    buffers). Returns the model in eval mode on the CPU.
+
+    Raises:
+        ValueError if ``config.weights`` is None, or as ``load_state_dict_file`` and
+        ``load_weights`` do (naming the file).
+    """
+    if config.weights is None:
+        raise ValueError("weights must name a state_dict file for build_pretrained, got None")
+    state = load_state_dict_file(config.weights)
+    net = build_model(replace(config, adapter="plain"), data_shape, seed=seed)
+    load_weights(net, state, source=config.weights)
+    return wrap_adapter(net, config.adapter).eval()

@@ -18,20 +18,16 @@ only, never arbitrary objects.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..velocity import DiffusersFlowAdapter, RectifiedFlowAdapter
-
-if TYPE_CHECKING:
-    from . import ModelConfig
 
 ADAPTERS = ("plain", "rectified_flow", "diffusers")
 
@@ -43,7 +39,6 @@ _CHECKPOINT_KEYS = ("state_dict", "model")  # containers that hold the state_dic
 __all__ = [
     "ADAPTERS",
     "IMPORT_PATH",
-    "build_pretrained",
     "import_object",
     "inner_network",
     "load_state_dict_file",
@@ -194,29 +189,6 @@ def inner_network(model: nn.Module) -> nn.Module:
     if isinstance(model, (RectifiedFlowAdapter, DiffusersFlowAdapter)):
         return model.net
     return model
-
-
-def build_pretrained(
-    config: ModelConfig, data_shape: tuple[int, ...], *, seed: int | None = None
-) -> nn.Module:
-    """Build the network of ``config``, load ``config.weights`` into it and wrap its adapter.
-
-    The weights go into the unwrapped network, so their keys are the network's own (no
-    ``net.`` prefix). ``seed`` only matters for state not in the file (e.g. non-persistent
-    buffers). Returns the model in eval mode on the CPU.
-
-    Raises:
-        ValueError if ``config.weights`` is None, or as ``load_state_dict_file`` and
-        ``load_weights`` do (naming the file).
-    """
-    from . import build_model
-
-    if config.weights is None:
-        raise ValueError("weights must name a state_dict file for build_pretrained, got None")
-    state = load_state_dict_file(config.weights)
-    net = build_model(dataclasses.replace(config, adapter="plain"), data_shape, seed=seed)
-    load_weights(net, state, source=config.weights)
-    return wrap_adapter(net, config.adapter).eval()
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

@@ -33,7 +33,8 @@ HEADER = """\
 # dvc.lock), so a plain `dvc repro` runs everything on a fresh clone.
 """
 # modules that run a step but never change what it writes (tracking, orchestration, faults)
-NOT_DEPS = ("tasks/runtime/step.py", "tasks/runtime/tracking.py", "tasks/runtime/servers.py",
+NOT_DEPS = ("tasks/runtime/step.py", "tasks/runtime/tracking.py",
+            "tasks/runtime/tracking_agent.py", "tasks/runtime/servers.py",
             "tasks/runtime/faults.py")
 MODEL = ["model.arch", "model.hidden", "model.depth", "model.base_channels",
          "model.channel_mults", "model.num_res_blocks", "model.import_path",
