@@ -44,6 +44,7 @@ from .config import ConfigMixin, check_device_name, check_int
 from .device import resolve_device
 from .features import FeatureNet, load_feature_net
 from .metrics import aggregate
+from .seeds import seeded
 
 if TYPE_CHECKING:
     from torch_fidelity import FeatureExtractorBase
@@ -274,9 +275,10 @@ def build_extractor(config: FidelityConfig,
         path = Path(config.inception_weights)
         _check_inception_file(path)
         try:
-            module = create_feature_extractor(INCEPTION_NAME, ["2048"], cuda=cuda,
-                                              feature_extractor_weights_path=str(path),
-                                              verbose=False)
+            with seeded():  # InceptionV3 draws a random init before its weights load
+                module = create_feature_extractor(INCEPTION_NAME, ["2048"], cuda=cuda,
+                                                  feature_extractor_weights_path=str(path),
+                                                  verbose=False)
         except RuntimeError as err:  # load_state_dict: missing / unexpected / mis-shaped keys
             raise ValueError(f"inception_weights file {str(path)!r} does not match "
                              f"torch-fidelity's InceptionV3: {err}") from err
