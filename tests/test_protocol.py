@@ -54,3 +54,24 @@ def test_in_memory_sweep_equals_the_stages_bit_for_bit(tiny_repro, one_thread):
         for key, row in rows.items():
             for name in ("iterations", "trainable_params", "search_nfe", "search_evaluations"):
                 assert costs[method][key][name] == row[name], (method, key, name)
+
+
+def test_the_gits_row_added_through_the_registry_shows_everywhere(tiny_repro):
+    """bellman_gits is one registry entry (not default); a run that selects it (the tiny
+    profile does) has its row in metrics.json, the report's table and plots, and MLflow."""
+    import mlflow
+
+    metrics = json.loads((tiny_repro / "results/metrics.json").read_text())
+    assert set(metrics["bellman_gits"]) == {"nfe_1", "nfe_2", "nfe_4"}
+    assert "bellman_gits" in (tiny_repro / "results/metrics.md").read_text()
+    lines = (tiny_repro / "results/plots/methods/bellman_gits.csv").read_text().splitlines()
+    assert len(lines) == 1 + 3
+    assert len((tiny_repro / "results/plots/steps/bellman_gits.csv").read_text().splitlines()) \
+        == 1 + 1 + 2 + 4  # a row per step of K = 1, 2, 4
+    schedules = json.loads((tiny_repro / "outputs/schedules/schedules.json").read_text())
+    assert schedules["schedules"]["bellman_gits"]["nfe_2"]["name"].startswith(
+        "bellman_discount1.15")
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_repro / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.mlflow.runName = 'evaluate'")
+    assert runs and "bellman_gits.fid" in runs[0].data.metrics
