@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run run-paper demo ui prefect sample test lint bench clean
+.PHONY: install run run-paper demo ui prefect sample test test-fast lint bench clean
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# the library and unit tests only (no e2e or slow ones): a few minutes on 2 cores
+test-fast: lint
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 bench: install
 	$(PY) bench/run_all.py

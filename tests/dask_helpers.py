@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from flows.local_server import free_port, prefect_server, stop_process
 from tasks.runtime.shards import WORKER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """``stop_process`` on every process at once: each worker's graceful close takes seconds."""
+    with ThreadPoolExecutor(max(1, len(procs))) as pool:
+        list(pool.map(stop_process, procs))
 
 
 def _dask() -> str:
@@ -39,18 +46,19 @@ def dask_cluster(n_workers: int = 2, cwd: Path = REPO,
         log = stack.enter_context(open(Path(home) / "dask.log", "ab"))
 
         def start(args: list[str]) -> subprocess.Popen:
-            proc = subprocess.Popen([_dask(), *args], cwd=cwd, env=env, stdout=log,
+            return subprocess.Popen([_dask(), *args], cwd=cwd, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-            stack.callback(stop_process, proc)
-            return proc
 
-        start(["scheduler", "--host", "127.0.0.1", "--port", str(port),
-               "--dashboard-address", ":0", "--no-show"])
+        scheduler = start(["scheduler", "--host", "127.0.0.1", "--port", str(port),
+                           "--dashboard-address", ":0", "--no-show"])
+        stack.callback(stop_process, scheduler)
+        workers: list[subprocess.Popen] = []
+        stack.callback(_stop_all, workers)  # before the scheduler (the stack unwinds LIFO)
         for _ in range(n_workers):
-            start(["worker", address, "--nthreads", "1", "--nworkers", "1",
-                   "--host", "127.0.0.1", "--dashboard-address", ":0",
-                   "--local-directory", str(Path(home) / "workers")])
+            workers.append(start(["worker", address, "--nthreads", "1", "--nworkers", "1",
+                                  "--host", "127.0.0.1", "--dashboard-address", ":0",
+                                  "--local-directory", str(Path(home) / "workers")]))
         with Client(address, timeout=timeout) as client:
             client.wait_for_workers(n_workers, timeout=timeout)
         yield address, str(api)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,25 +40,58 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600, check: bool = True,
 
 def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml",
               embed_and_commit: bool = True) -> Path:
-    """The tracked and untracked-not-ignored files (the working tree as it is), with the
-    profile merged into params.yaml; then, unless ``embed_and_commit`` is False, the embedded
-    data written and everything committed in a fresh git repo."""
+    """The tracked and untracked-not-ignored files (the working tree as it is) less the
+    committed baseline (dvc.lock, results/), with the profile merged into params.yaml; then,
+    unless ``embed_and_commit`` is False, the embedded data written and everything committed in
+    a fresh git repo. The profile and the data are written by the CLIs' own functions in this
+    process (two fewer interpreter starts)."""
+    from tasks.cli import profile as profile_cli
+    from tasks.cli.embed import write_digits
+
     files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
         src = ROOT / name
+        if name == "dvc.lock" or name.startswith("results/"):
+            continue  # the committed baseline of the default profile, not this copy's
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     if profile:
-        run([sys.executable, "-m", "tasks.cli.profile", profile, "--write", "params.yaml"], dest)
+        params = str(dest / "params.yaml")
+        code = profile_cli.main([str(dest / profile), "--params", params, "--write", params])
+        assert code == 0, f"profile {profile} does not load on params.yaml"
     if not embed_and_commit:
         return dest
-    run([sys.executable, "-m", "tasks.cli.embed"], dest)
+    write_digits(dest / "data")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         run(cmd, dest)
     return dest
+
+
+def clone_repo(src: Path, dest: Path) -> Path:
+    """A copy of a repository that has run (e.g. the shared ``tiny_repro``) to change: its git
+    history, DVC cache and lock, outputs and MLflow store. The store's absolute paths (the
+    artifact locations under ``src``) are moved to ``dest``, so runs logged in the copy never
+    write into ``src``."""
+    shutil.copytree(src, dest, symlinks=True)
+    if (dest / "mlflow.db").is_file():
+        move_store_paths(dest / "mlflow.db", src, dest)
+    return dest
+
+
+def move_store_paths(store: Path, old: Path, new: Path) -> None:
+    """Rewrite ``old`` as ``new`` in every text value of the SQLite MLflow ``store`` (artifact
+    locations, run artifact URIs, model version sources)."""
+    with closing(sqlite3.connect(store)) as db, db:
+        tables = [row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?)',
+                           (str(old), str(new), str(old)))
 
 
 @contextmanager

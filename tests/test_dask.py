@@ -50,7 +50,7 @@ from boss_core.shards import (
 )
 from tasks.runtime.shards import map_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SHAPE, N, BATCH, M, SEED = (1, 8, 8), 20, 16, 64, 7
 

@@ -114,6 +114,8 @@ def two(tmp_path_factory):
     return [load(folder, 0), load(folder, 1)]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_the_same_global_batch(one, two):
     assert two[0]["world_size"] == 2 and one["reflow"]["world_size"] == 1
     assert_identical(two[0], two[1])  # the ranks agree bit for bit
@@ -121,6 +123,8 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(one, two):
     assert two[0]["losses"].shape == (ITERATIONS, 2)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_interrupted_two_rank_run_resumes_exactly_and_in_one_process(one, two, tmp_path):
     ckpt = tmp_path / "ckpt"
     args = ["--iterations", str(ITERATIONS), "--ckpt", str(ckpt),
@@ -142,6 +146,8 @@ def test_interrupted_two_rank_run_resumes_exactly_and_in_one_process(one, two, t
     assert_close(alone, one["reflow"])
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_ranks(one, two, tmp_path):
     ckpt = tmp_path / "ckpt"
     first = train(tmp_path / "first", Dist(), "reflow", HALF, ckpt=ckpt)  # stops at HALF
@@ -154,6 +160,8 @@ def test_one_process_checkpoint_resumes_on_two_ranks(one, two, tmp_path):
     assert_close(resumed, one["reflow"])
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_nodes_rendezvous_over_c10d_and_match_one_process(one, tmp_path):
     """Two torchrun agents (--nnodes 2, one process each) meet at one c10d endpoint on
     127.0.0.1, as two machines would; chord pairs this time."""

@@ -187,6 +187,7 @@ def boss_ref(repo, cost_ref):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_teacher_killed_after_two_checkpoints_resumes_to_the_same_weights(repo, teacher_ref):
     out = repo / "outputs" / "teacher"
     prepared = snapshot(repo / "outputs" / "prepare")
@@ -206,6 +207,7 @@ def test_teacher_killed_after_two_checkpoints_resumes_to_the_same_weights(repo, 
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_cost_killed_mid_write_keeps_the_old_matrix_and_the_rerun_clears_the_temp(
         repo, teacher_ref, cost_ref):
     out = repo / "outputs" / "cost"
@@ -225,6 +227,7 @@ def test_cost_killed_mid_write_keeps_the_old_matrix_and_the_rerun_clears_the_tem
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_straighten_killed_after_a_checkpoint_resumes_to_the_same_students(repo, boss_ref):
     """K = 1, 2, 4 take 60 steps each, a checkpoint every 20: the 4th checkpoint is K=2's
     first. The rerun takes K=1 from its final checkpoint and K=2 from step 20."""
@@ -249,6 +252,7 @@ def test_straighten_killed_after_a_checkpoint_resumes_to_the_same_students(repo,
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_killed_mid_metrics_leaves_no_metrics_and_the_rerun_matches(repo, boss_ref):
     results = repo / "results"
     assert not (results / "metrics.json").exists()

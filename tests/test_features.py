@@ -1,4 +1,7 @@
-"""The FID feature classifier: accuracy, determinism, other image sizes, save/load."""
+"""The FID feature classifier: accuracy, determinism, other image sizes, save/load.
+
+``digits_feature_net`` (tests/conftest.py, shared by the session) is trained with ``quick()``.
+"""
 
 import pytest
 import torch
@@ -20,10 +23,11 @@ def quick(**overrides):
     return FeatureNetConfig(**values)
 
 
-@pytest.fixture(scope="module")
-def digits_net():
-    digits = load_digits_images()
-    return digits, train_feature_net(digits.x, digits.y, quick())
+@pytest.fixture
+def digits_net(digits_feature_net):
+    digits, result = digits_feature_net
+    assert result.config == quick()  # the oracles below are about this training
+    return digits, result
 
 
 def test_digits_classifier_is_accurate_on_held_out_images(digits_net):

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def workspace(tmp_path, monkeypatch, mlflow_store):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     monkeypatch.delenv("BOSS_PARENT_RUN_ID", raising=False)
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     ws = Workspace.at(tmp_path)

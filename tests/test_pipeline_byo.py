@@ -16,7 +16,7 @@ from boss_core.models import ModelConfig, build_model
 from tasks.runtime.artifacts import load_teacher, model_builder
 from tasks.runtime.workspace import Workspace
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_pretrained_diffusers_style_model_runs_through_the_stages(tmp_path):

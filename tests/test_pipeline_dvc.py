@@ -1,6 +1,9 @@
 """End to end: `dvc repro` on the tiny profile in a copy of the repository, then the MLflow
 store, a no-op second repro, `dvc exp run -S`, `dvc metrics diff`, `dvc plots show` and
-sampling from a registered model."""
+sampling from a registered model.
+
+The tests that only read the run use the session's ``tiny_repro`` (tests/conftest.py); the ones
+that push, commit or run experiments work on one copy of it (``repo``)."""
 
 from __future__ import annotations
 
@@ -9,19 +12,18 @@ import math
 import sys
 
 import pytest
-from pipeline_helpers import copy_repo, run
+from pipeline_helpers import clone_repo, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 STEPS = ["prepare", "teacher", "features", "cost", "schedules", "pairs", "straighten_boss",
          "straighten_boss_lora", "straighten_reflow_uniform", "straighten_distill_uniform",
          "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    dest = copy_repo(tmp_path_factory.mktemp("repo"))
-    run([str(_dvc()), "repro"], dest, timeout=900)
-    return dest
+def repo(tiny_repro, tmp_path_factory):
+    """A copy of the shared run for the tests that change it."""
+    return clone_repo(tiny_repro, tmp_path_factory.mktemp("changed") / "repo")
 
 
 def _dvc():
@@ -34,7 +36,8 @@ def _metrics(repo):
     return json.loads((repo / "results" / "metrics.json").read_text())
 
 
-def test_metrics_cover_every_method_and_nfe(repo):
+def test_metrics_cover_every_method_and_nfe(tiny_repro):
+    repo = tiny_repro
     import yaml
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -59,7 +62,8 @@ def test_metrics_cover_every_method_and_nfe(repo):
     assert costs["bellman"]["nfe_2"]["search_nfe"] > 0
 
 
-def test_mlflow_holds_parent_and_nested_runs(repo):
+def test_mlflow_holds_parent_and_nested_runs(tiny_repro):
+    repo = tiny_repro
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -90,7 +94,8 @@ def test_mlflow_holds_parent_and_nested_runs(repo):
     assert schedule["times"] == saved["times"]
 
 
-def test_second_repro_reruns_nothing(repo):
+def test_second_repro_reruns_nothing(tiny_repro):
+    repo = tiny_repro
     out = run([str(_dvc()), "repro"], repo)
     assert "Running stage" not in out.stdout + out.stderr
     status = run([str(_dvc()), "status"], repo)
@@ -105,7 +110,8 @@ def test_dvc_push_works_out_of_the_box(repo):
     assert "in sync" in status.stdout.lower(), status.stdout
 
 
-def test_sample_from_the_registered_model(repo, tmp_path):
+def test_sample_from_the_registered_model(tiny_repro, tmp_path):
+    repo = tiny_repro
     out = tmp_path / "samples"
     run([sys.executable, "-m", "tasks.cli.sample", "--registry", "boss-tiny-boss-nfe2", "--n", "16",
          "--seed", "3", "--out", str(out)], repo)
@@ -139,20 +145,22 @@ def test_exp_run_metrics_diff_and_plots(repo):
 
 def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
     """`dvc exp run --queue` twice, `dvc queue start -j 2`: both run at once against one
-    MLflow tracking server (not a shared SQLite file), and neither's runs mix with the other's."""
+    MLflow tracking server (not a shared SQLite file), and neither's runs mix with the other's.
+    The experiments set fidelity.kid_subsets, so each reruns evaluate and report only."""
     import time
 
     import mlflow
     from pipeline_helpers import mlflow_server
 
+    key = "fidelity.kid_subsets"  # read by evaluate only: 2 stages rerun, not 6
     run(["git", "add", "-A"], repo)  # queued experiments start from a commit
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "queue base"],
         repo, check=False)
     with mlflow_server(tmp_path) as uri:
         try:
             for n in (11, 12):
-                run([str(_dvc()), "exp", "run", "--queue", "-S", f"straighten.iterations={n}",
-                     "-n", f"q{n}"], repo, MLFLOW_TRACKING_URI=uri)
+                run([str(_dvc()), "exp", "run", "--queue", "-S", f"{key}={n}", "-n", f"q{n}"],
+                    repo, MLFLOW_TRACKING_URI=uri)
             run([str(_dvc()), "queue", "start", "-j", "2"], repo, MLFLOW_TRACKING_URI=uri)
             deadline = time.time() + 900
             while True:
@@ -160,13 +168,13 @@ def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
                 if "Queued" not in status and "Running" not in status:
                     break
                 assert time.time() < deadline, status
-                time.sleep(5)
+                time.sleep(3)
             assert status.count("Success") >= 2, status
             client = mlflow.MlflowClient(uri)
             experiment = client.get_experiment_by_name("boss-tiny")
             parents = client.search_runs([experiment.experiment_id],
                                          filter_string="tags.`boss.kind` = 'pipeline'")
-            by_n = {p.data.params["straighten.iterations"]: p for p in parents}
+            by_n = {p.data.params[key]: p for p in parents}
             assert sorted(by_n) == ["11", "12"]
             for n, parent in by_n.items():
                 assert parent.info.status == "FINISHED"
@@ -174,9 +182,9 @@ def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
                     [experiment.experiment_id],
                     filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
                 names = {c.info.run_name for c in children}
-                assert {"straighten_boss", "evaluate", "report"} <= names, names
+                assert {"evaluate", "report"} <= names, names
                 for child in children:  # every step logged under its own experiment's parent
-                    assert child.data.params.get("straighten.iterations", n) == n
+                    assert child.data.params.get(key, n) == n
                     assert child.info.status == "FINISHED"
         finally:
             run([str(_dvc()), "queue", "stop", "--kill"], repo, check=False)

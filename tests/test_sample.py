@@ -144,7 +144,7 @@ def test_a_trusted_import_model_samples_with_the_opt_in(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, new_mlflow_store):
     """A sqlite store with t-boss-nfe2 v1 (seed 0), v2 (seed 1, alias champion) and
     t-evil-nfe2 v1 (a torch.save pickle as model.safetensors) and t-sneaky-nfe2 v1 (a
     safetensors file whose config imports and calls os.mkdir)."""
@@ -154,7 +154,7 @@ def registry(tmp_path_factory):
     from tasks.runtime.tracking import register_model
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_mlflow_store(root)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("t", artifact_location=(root / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id

@@ -27,7 +27,7 @@ from test_pipeline_dvc import STEPS
 
 from flows.local_server import free_port, stop_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SCALE = {"runner": "dask", "shard_samples": 64, "nproc_per_node": 2}
 
 
