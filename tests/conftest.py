@@ -6,6 +6,8 @@ test of the session (``make test-fast`` asks for none of the slow ones):
 - ``tiny_repro``: a copy of the repository on the tiny profile after one ``dvc repro``. Read
   only: a test that changes a repository works on ``clone_repo(tiny_repro, ...)`` or builds its
   own with ``copy_repo``. The session checks at its end that the outputs are unchanged.
+- ``second_tiny_repro``: another such run, for test_determinism. Both runs start before the
+  first test, in the background, when a collected test asks for them.
 - ``mixture_teacher``: the 2-D teacher on the 8-mode Gaussian mixture (EMA weights, frozen).
 - ``digits_feature_net``: the FID feature classifier trained on the embedded digits.
 
@@ -32,7 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pipeline_helpers import BIN, copy_repo, move_store_paths, run  # noqa: E402
+from pipeline_helpers import (  # noqa: E402
+    BIN,
+    Background,
+    copy_repo,
+    move_store_paths,
+    run,
+)
 
 # One torch thread, as the pipeline's stage processes run in the tests (pipeline_helpers.env).
 # Two threads on the 2 shared cores spin against each other and against the subprocesses:
@@ -57,12 +65,22 @@ MARKS_ELSEWHERE = {
 }
 
 
+# session fixtures that are ``dvc repro`` runs of the tiny profile, started before the first test
+TINY_RUNS = ("tiny_repro", "second_tiny_repro")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
 def pytest_collection_modifyitems(config, items):
     for item in items:
         wanted = MARKS_ELSEWHERE.get(item.path.name, {}).get(item.originalname, ())
         for name in wanted:
             if item.get_closest_marker(name) is None:
                 item.add_marker(name)
+    # the modules that wait for the tiny runs go last (whole modules, in their order), so the
+    # runs started before the first test go on beside all the others
+    waiting = {item.path for item in items
+               if any(name in getattr(item, "fixturenames", ()) for name in TINY_RUNS)}
+    items.sort(key=lambda item: item.path in waiting)
 
 
 @pytest.fixture(autouse=True)
@@ -83,15 +101,50 @@ def _repro_fingerprint(repo: Path) -> dict[str, str]:
     return _digest(files)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_runs(request, tmp_path_factory):
+    """{fixture name: (repo, Background)}: the tiny ``dvc repro`` runs this session's tests ask
+    for, started together before the first test. Each runs its stages one at a time in one
+    process, so on two cores they run beside each other and beside the tests that come first
+    (the modules that use them run last, see ``pytest_collection_modifyitems``)."""
+    runs = {}
+    wanted = [name for name in TINY_RUNS if any(
+        name in getattr(item, "fixturenames", ()) for item in request.session.items)]
+    if wanted:
+        root = tmp_path_factory.mktemp("tiny")
+        for name in wanted:
+            repo = copy_repo(root / name)
+            runs[name] = repo, Background([str(BIN / "dvc"), "repro"], repo, root / f"{name}.log")
+    yield runs
+    for _, job in runs.values():
+        job.stop()
+
+
+def _finished(runs, name: str, tmp_path_factory) -> Path:
+    if name not in runs:  # a test that was not collected at the start asks for it
+        repo = copy_repo(tmp_path_factory.mktemp(name) / "repo")
+        run([str(BIN / "dvc"), "repro"], repo, timeout=1800)
+        return repo
+    repo, job = runs[name]
+    job.wait(timeout=1800)
+    return repo
+
+
 @pytest.fixture(scope="session")
-def tiny_repro(tmp_path_factory) -> Path:
+def tiny_repro(_tiny_runs, tmp_path_factory) -> Path:
     """The repository on the tiny profile after ``dvc repro`` (committed before the run)."""
-    repo = copy_repo(tmp_path_factory.mktemp("tiny") / "repo")
-    run([str(BIN / "dvc"), "repro"], repo, timeout=1800)
+    repo = _finished(_tiny_runs, "tiny_repro", tmp_path_factory)
     before = _repro_fingerprint(repo)
     yield repo
     assert _repro_fingerprint(repo) == before, (
         "a test changed the shared tiny repro: copy it first (pipeline_helpers.clone_repo)")
+
+
+@pytest.fixture(scope="session")
+def second_tiny_repro(_tiny_runs, tmp_path_factory) -> Path:
+    """Another ``dvc repro`` of the tiny profile, in another folder and process tree (run at
+    the same time as ``tiny_repro``): test_determinism compares the two."""
+    return _finished(_tiny_runs, "second_tiny_repro", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

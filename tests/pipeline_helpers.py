@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +37,34 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600, check: bool = True,
         raise AssertionError(f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                              f"{done.stderr[-5000:]}")
     return done
+
+
+class Background:
+    """``cmd`` started now in ``cwd`` (its own process group, output to ``log``), waited for
+    with ``wait``: a long subprocess chain (``dvc repro``) that runs while the tests go on."""
+
+    def __init__(self, cmd: list[str], cwd: Path, log: Path, **extra: str):
+        self.cmd, self.log = cmd, log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def wait(self, timeout: float) -> None:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{self.cmd} still running after {timeout:.0f} s") from None
+        if code != 0:
+            raise AssertionError(f"{self.cmd} failed ({code}):\n"
+                                 f"{self.log.read_text(errors='replace')[-6000:]}")
+
+    def stop(self) -> None:
+        """Kill what is left of it (its process group)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def copy_repo(dest: Path, profile: str | None = "tests/profiles/tiny.yaml",

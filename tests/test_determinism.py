@@ -1,24 +1,21 @@
 """The same params give the same schedules, bit-identical weights and the same metrics.json
-on the CPU: a second copy of the repository runs `dvc repro` on the tiny profile and is
-compared with the session's shared run (``tiny_repro``, tests/conftest.py), a run made in
-another folder and another process tree from the same working tree."""
+on the CPU: two copies of the repository run `dvc repro` on the tiny profile, in two folders
+and two process trees, and are compared. The first is the session's shared run
+(``tiny_repro``), the second ``second_tiny_repro`` (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from pipeline_helpers import BIN, copy_repo, run
 
 from tasks.runtime.io import load_tensors
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_two_runs_give_identical_results(tiny_repro, tmp_path):
-    a = tiny_repro
-    b = copy_repo(tmp_path / "b")
-    run([str(BIN / "dvc"), "repro"], b, timeout=1800)
+def test_two_runs_give_identical_results(tiny_repro, second_tiny_repro):
+    a, b = tiny_repro, second_tiny_repro
     assert a != b
     for rel in ("outputs/schedules/schedules.json", "results/metrics.json"):
         left, right = json.loads((a / rel).read_text()), json.loads((b / rel).read_text())
