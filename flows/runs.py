@@ -182,7 +182,7 @@ def launched_task(method: str):
 
     The child inherits ``BOSS_PARENT_RUN_ID`` (its MLflow run nests under the flow's) and
     ``MLFLOW_TRACKING_URI``. On several nodes the other nodes run ``python -m tasks.runtime.launch``
-    themselves (README, Scaling out).
+    themselves (docs/scaling.md).
     """
     from prefect import task
     from prefect.cache_policies import NO_CACHE
