@@ -153,5 +153,5 @@ def mlflow_server(folder: Path, serve_artifacts: bool = False):
             time.sleep(0.5)
         yield uri
     finally:
-        stop_process(server)
+        stop_process(server, timeout=3)  # its store is thrown away: no need for a slow drain
     assert server.poll() is not None

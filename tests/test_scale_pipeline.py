@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -50,8 +52,12 @@ def stand_ins(tmp_path_factory):
     _configure(repo)
     remote = root / "dvc-remote"
     run([str(BIN / "dvc"), "remote", "add", "-d", "stand_in", str(remote)], repo)
-    with dask_cluster(2, cwd=repo) as (address, api), \
-            mlflow_server(root / "mlflow", serve_artifacts=True) as uri:
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
+        # the cluster (with its Prefect server) and the MLflow server start at the same time
+        cluster = pool.submit(stack.enter_context, dask_cluster(2, cwd=repo))
+        server = pool.submit(stack.enter_context,
+                             mlflow_server(root / "mlflow", serve_artifacts=True))
+        (address, api), uri = cluster.result(), server.result()
         extra = {"BOSS_DASK_ADDRESS": address, "PREFECT_API_URL": api,
                  "MLFLOW_TRACKING_URI": uri}
         run([str(BIN / "dvc"), "repro"], repo, timeout=1500, **extra)
