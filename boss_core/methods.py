@@ -223,12 +223,6 @@ def grid_search_names() -> tuple[str, ...]:
                  if m.search is not None and m.search.needs != "nothing")
 
 
-def searching_names() -> tuple[str, ...]:
-    """The methods with a schedule search of their own (``sweep.straighten_schedule`` picks
-    among them)."""
-    return tuple(name for name, m in REGISTRY.items() if m.search is not None)
-
-
 @dataclass(frozen=True)
 class MethodOptions:
     """The ``methods`` section of params.yaml: ``{method: {option: value}}``, filled from each

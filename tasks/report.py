@@ -43,8 +43,7 @@ def run(ctx: StepContext) -> dict:
     searched = {k: list(sch.indices) for k, sch in schedules["bellman"].items()}
     plots.cost_heatmap(cost.values, searched, cost.times, figures / "cost_matrix.png")
     # step sizes of the searched schedules: BOSS's, and every selected method's own search
-    shown = ["bellman"] + [m for m in s.methods if m != "bellman" and m in schedules
-                           and get(m).search.needs != "nothing"]
+    shown = ["bellman"] + [m for m in s.methods if m != "bellman" and m in grid_search_names()]
     times = {name: {k: list(schedules[name][k].times) for k in s.nfes} for name in shown}
     plots.step_sizes(times["bellman"], figures / "step_sizes.png")
     steps = plots.step_sizes_table(times)
