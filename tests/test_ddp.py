@@ -20,6 +20,7 @@ gradients and gloo's all-reduce gives every rank the same sum.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -260,3 +261,19 @@ def test_launcher_help_and_exit_codes(capsys):
     assert launch.run_child([sys.executable, "-c", "import sys; sys.exit(5)"]) == 5
     killed = launch.run_child([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
     assert killed == 128 + 9
+
+
+def test_launcher_runs_an_unselected_method_in_process(monkeypatch):
+    """A method that sweep.methods leaves out only gets its "skipped" marker: no torchrun."""
+    started, ran = [], []
+    monkeypatch.setattr(launch, "run_child", lambda cmd: started.append(cmd) or 0)
+    monkeypatch.setattr(importlib.import_module("tasks.straighten"), "main_cli",
+                        lambda argv: ran.append(argv) or 0)
+    params = str(ROOT / "params.yaml")
+    scale = ["--set", "scale.nproc_per_node=2", "--set", "straighten.batch_size=64"]
+    argv = ["--method", "boss", "--params", params, *scale, "--set", "sweep.methods=[uniform]"]
+    assert launch.main(["straighten", *argv]) == 0
+    assert ran == [argv] and not started
+    selected = ["--method", "boss", "--params", params, *scale]
+    assert launch.main(["straighten", *selected]) == 0
+    assert ran == [argv] and len(started) == 1

@@ -3,8 +3,9 @@
     python -m tasks.runtime.launch straighten --method boss [--params params.yaml] [--set k=v ...]
         [--out DIR]
 
-With ``scale.nnodes * scale.nproc_per_node == 1`` this is ``python -m tasks.straighten`` with
-the same arguments, in this process. Otherwise it runs (a list, no shell)
+With ``scale.nnodes * scale.nproc_per_node == 1``, or for a method that ``sweep.methods`` does
+not select (the step only marks it skipped), this is ``python -m tasks.straighten`` with the
+same arguments, in this process. Otherwise it runs (a list, no shell)
 
     <venv>/bin/torchrun --nnodes NNODES --nproc_per_node NPROC --rdzv_backend c10d
         --rdzv_endpoint ENDPOINT --rdzv_id RDZV_ID -m tasks.straighten <the same arguments>
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other arguments go to the step unchanged (python -m tasks.straighten --help).")
     p.add_argument("step", choices=STEPS, help="the step to run")
+    p.add_argument("--method", default=None, help="passed on to the step")
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     p.add_argument("--out", default=None, help="passed on to the step")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ValueError) as err:
         log.error("error: %s", " ".join(str(err).split()))
         return 2
-    if params.scale.world_size == 1:
+    # one rank, or a method the sweep does not select (its step only marks it skipped)
+    if params.scale.world_size == 1 or (
+            args.method is not None and args.method not in params.sweep.methods):
         return importlib.import_module(f"tasks.{args.step}").main_cli(step_argv)
     cmd = build_command(params.scale, args.step, step_argv)
     log.info("launch: %s", " ".join(cmd))
