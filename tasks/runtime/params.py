@@ -35,8 +35,10 @@ from boss_core.config import RunConfig, ScaleConfig
 from boss_core.data import DataConfig
 from boss_core.features import FeatureNetConfig
 from boss_core.fidelity import FidelityConfig
+from boss_core.grids import uniform_grid
 from boss_core.methods import MethodOptions
 from boss_core.models import ModelConfig
+from boss_core.paths import get_path
 from boss_core.straighten import StraightenConfig
 from boss_core.sweep import SweepConfig
 from boss_core.teacher import TeacherConfig
@@ -207,6 +209,10 @@ def _check_across(p: Params) -> None:
     if p.fidelity.n_seeds != s.n_seeds:
         raise ParamsError(f"fidelity.n_seeds={p.fidelity.n_seeds} must equal "
                           f"sweep.n_seeds={s.n_seeds} (leave it out: it is filled from sweep)")
+    try:  # the teacher is evaluated on the fine grid, up to t_{N-1} = 1 - 1 / N
+        get_path(p.teacher.path).check_grid(uniform_grid(s.n_steps), name="sweep.n_steps")
+    except ValueError as err:
+        raise ParamsError(f"teacher.path={p.teacher.path}: {err}") from err
 
 
 _POINT_SETS = ("moons", "checkerboard", "gaussian_mixture")
