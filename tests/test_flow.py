@@ -23,7 +23,6 @@ from pipeline_helpers import copy_repo, mlflow_server
 from flows.graph import Step, check_graph, run_graph
 from flows.local_server import (
     prefect_executable,
-    prefect_server,
     start_serve,
     stop_process,
     wait_for_deployment,
@@ -215,16 +214,14 @@ def test_a_graph_naming_a_later_or_unknown_step_is_refused():
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One real Prefect server for this module's in-process flows (PREFECT_API_URL set in
-    Prefect's settings for the duration)."""
+def prefect_api(prefect_server_api):
+    """The session's Prefect server (tests/conftest.py) for this module's in-process flows
+    (PREFECT_API_URL set in Prefect's settings for the duration)."""
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    home = tmp_path_factory.mktemp("prefect")
-    with prefect_server(home=home, log_file=home / "server.log") as api, \
-            temporary_settings({PREFECT_API_URL: str(api)}):
-        yield api
+    with temporary_settings({PREFECT_API_URL: str(prefect_server_api)}):
+        yield prefect_server_api
         APILogHandler().flush()  # before the server goes
 
 
@@ -421,13 +418,11 @@ def test_concurrent_steps_equal_the_sequential_run_and_publish_artifacts(
 # --- the served deployment, end to end ------------------------------------------------------
 
 
-def _tiny_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The working tree copied to ``tmp_path/repo`` on the tiny profile (no git repo, no data:
-    the flow writes the embedded digits itself), and the environment for commands there."""
-    copy = copy_repo(tmp_path / "repo", embed_and_commit=False)
+def _command_env() -> dict[str, str]:
+    """The environment for commands in a copy: quiet, and no inherited Prefect API."""
     env = {**os.environ, **QUIET}
     env.pop("PREFECT_API_URL", None)
-    return copy, env
+    return env
 
 
 def _flow_runs(api: str, deployment: str) -> list[dict]:
@@ -463,63 +458,61 @@ def _wait_terminal(api: str, run_id: str, timeout: float) -> dict:
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_tiny_pipeline_in_its_own_folder(tmp_path):
+def test_served_deployment_runs_tiny_pipeline_in_its_own_folder(tmp_path, prefect_server_api):
     import mlflow
     import psutil
 
-    copy, env = _tiny_copy(tmp_path)
+    # the smallest run that still has every kind of step (SMALL): what is tested is the serving
+    copy, env = _small_copy(tmp_path), _command_env()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     extra = {**QUIET, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": store}
     name = "boss-test"
     timings = {}
     serve = None
     t0 = time.monotonic()
-    with prefect_server(home=tmp_path / "prefect", log_file=tmp_path / "server.log") as api:
-        timings["server"] = time.monotonic() - t0
-        server = api.proc
-        try:
-            serve = start_serve(api, name, "params.yaml", cwd=copy, env=extra,
-                                log_file=tmp_path / "serve.log")
-            t1 = time.monotonic()
-            deployment = wait_for_deployment(api, f"{FLOW_NAME}/{name}", serve, timeout=90)
-            timings["deployment"] = time.monotonic() - t1
+    api = prefect_server_api  # the session's server (tests/conftest.py)
+    try:
+        serve = start_serve(api, name, "params.yaml", cwd=copy, env=extra,
+                            log_file=tmp_path / "serve.log")
+        t1 = time.monotonic()
+        deployment = wait_for_deployment(api, f"{FLOW_NAME}/{name}", serve, timeout=90)
+        timings["deployment"] = time.monotonic() - t1
 
-            t2 = time.monotonic()
-            cli = subprocess.run(
-                [prefect_executable(), "deployment", "run", f"{FLOW_NAME}/{name}",
-                 "--param", 'overrides={"straighten.iterations": 30}',
-                 "--watch", "--watch-timeout", "210"],
-                cwd=copy, env={**env, **extra, "PREFECT_API_URL": api},
-                capture_output=True, text=True, timeout=240)
-            timings["flow_run"] = time.monotonic() - t2
-            runs = _flow_runs(api, deployment)
-            assert len(runs) == 1, runs
-            run = runs[0]
-            logs = (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
-            assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:] + logs
-            assert run["state"]["type"] == "COMPLETED", run["state"]
-            assert run["parameters"]["overrides"] == {"straighten.iterations": 30}
-            published = _artifacts(api, run["id"])
+        t2 = time.monotonic()
+        cli = subprocess.run(
+            [prefect_executable(), "deployment", "run", f"{FLOW_NAME}/{name}",
+             "--param", 'overrides={"straighten.iterations": 30}',
+             "--watch", "--watch-timeout", "210"],
+            cwd=copy, env={**env, **extra, "PREFECT_API_URL": api},
+            capture_output=True, text=True, timeout=240)
+        timings["flow_run"] = time.monotonic() - t2
+        runs = _flow_runs(api, deployment)
+        assert len(runs) == 1, runs
+        run = runs[0]
+        logs = (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
+        assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:] + logs
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        assert run["parameters"]["overrides"] == {"straighten.iterations": 30}
+        published = _artifacts(api, run["id"])
 
-            # a bad key: the run fails at once, naming it, and writes no folder
-            t3 = time.monotonic()
-            bad = _post_retrying(f"{api}/deployments/{deployment}/create_flow_run",
-                                 {"parameters": {"overrides": {"straighten.iterationz": 1}}})
-            bad_run = _wait_terminal(api, bad.json()["id"], timeout=60)
-            timings["bad_run"] = time.monotonic() - t3
-            assert bad_run["state"]["type"] == "FAILED", bad_run["state"]
-            assert "straighten.iterationz" in (bad_run["state"]["message"] or ""), bad_run["state"]
-        finally:
-            serve_children = []
-            if serve is not None:
-                try:
-                    serve_children = psutil.Process(serve.pid).children(recursive=True)
-                except psutil.Error:
-                    serve_children = []
-                stop_process(serve)
-        assert serve.poll() is not None
-        assert not [c.pid for c in serve_children if _alive(c)]
-    assert server.poll() is not None  # the server was stopped by its PID
+        # a bad key: the run fails at once, naming it, and writes no folder
+        t3 = time.monotonic()
+        bad = _post_retrying(f"{api}/deployments/{deployment}/create_flow_run",
+                             {"parameters": {"overrides": {"straighten.iterationz": 1}}})
+        bad_run = _wait_terminal(api, bad.json()["id"], timeout=60)
+        timings["bad_run"] = time.monotonic() - t3
+        assert bad_run["state"]["type"] == "FAILED", bad_run["state"]
+        assert "straighten.iterationz" in (bad_run["state"]["message"] or ""), bad_run["state"]
+    finally:
+        serve_children = []
+        if serve is not None:
+            try:
+                serve_children = psutil.Process(serve.pid).children(recursive=True)
+            except psutil.Error:
+                serve_children = []
+            stop_process(serve)
+    assert serve.poll() is not None
+    assert not [c.pid for c in serve_children if _alive(c)]
     timings["total"] = time.monotonic() - t0
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
 
@@ -580,7 +573,7 @@ def _alive(proc) -> bool:
 
 
 @pytest.mark.slow
-def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path):
+def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path, prefect_server_api):
     """4 runs triggered at once on a deployment served with limit 2, logging to one MLflow
     tracking server: every run ends COMPLETED (nothing hangs), in its own folder, with its own
     parent run holding its own steps and override. The runs themselves are as small as a
@@ -594,8 +587,8 @@ def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path):
                                     "features.iterations": 10})
     timings = {"copy": time.monotonic() - t0}
     name, serve = "burst", None
-    with mlflow_server(tmp_path) as uri, \
-            prefect_server(home=tmp_path / "prefect", log_file=tmp_path / "server.log") as api:
+    api = prefect_server_api  # the session's server (tests/conftest.py)
+    with mlflow_server(tmp_path) as uri:
         timings["servers"] = time.monotonic() - t0 - timings["copy"]
         extra = {**QUIET, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": uri,
                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -27,9 +27,10 @@ def test_only_the_reading_step_retries(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_flaky_read_is_retried_and_bad_input_is_not(tmp_path, monkeypatch):
-    """Against a real Prefect server (a temporary one may miss its 20 s start-up limit on two
-    busy cores)."""
+def test_a_flaky_read_is_retried_and_bad_input_is_not(tmp_path, monkeypatch,
+                                                       prefect_server_api):
+    """Against the session's real Prefect server (a temporary one may miss its 20 s start-up
+    limit on two busy cores)."""
     from prefect import flow
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -38,7 +39,6 @@ def test_a_flaky_read_is_retried_and_bad_input_is_not(tmp_path, monkeypatch):
     from flows.graph import Step, run_graph
     from tasks.cli.embed import write_digits
     from tasks.runtime.params import load_params
-    from tasks.runtime.servers import prefect_server
     from tasks.runtime.workspace import Workspace
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -59,8 +59,7 @@ def test_a_flaky_read_is_retried_and_bad_input_is_not(tmp_path, monkeypatch):
     def one_step():  # as flows.pipeline submits it
         return run_graph([Step("prepare", prepare.task, (params, ws))])["prepare"]
 
-    with prefect_server(home=tmp_path / "prefect") as api, \
-            temporary_settings({PREFECT_API_URL: str(api)}):
+    with temporary_settings({PREFECT_API_URL: str(prefect_server_api)}):
         monkeypatch.setattr(DataConfig, "load",
                             lambda self: flaky(self, OSError("stale handle")))
         assert one_step()["n"] == 1797
