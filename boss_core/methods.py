@@ -55,7 +55,9 @@ class SearchInputs:
 
     nfes: the K to build; n_steps: N, the fine grid t_i = i / N; cost: the teacher's
     ``CostMatrix`` ((N + 1, N + 1), needs "cost"); teacher, noise: the teacher v(x, t) and the
-    (M, ...) search noises (needs "teacher"); batch_size: paths per teacher call.
+    (M, ...) search noises (needs "teacher"); extras: the teacher's conditioning of those
+    noises ({"y": (M,) labels} of a class-conditional teacher, else {}); batch_size: paths per
+    teacher call.
     """
 
     nfes: tuple[int, ...]
@@ -63,6 +65,7 @@ class SearchInputs:
     cost: CostMatrix | None = None
     teacher: VelocityFn | None = None
     noise: Tensor | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 500
     progress: bool = False
 
@@ -156,7 +159,7 @@ def _bellman(inp: SearchInputs, opts: Mapping[str, Any]) -> dict[int, Schedule]:
 
 def _global(inp: SearchInputs, opts: Mapping[str, Any]) -> dict[int, Schedule]:
     table = global_schedules(inp.teacher, inp.noise, inp.n_steps, max(inp.nfes),
-                             inp.batch_size, progress=inp.progress)
+                             inp.batch_size, extras=inp.extras, progress=inp.progress)
     return {k: table[k] for k in inp.nfes}
 
 

@@ -53,3 +53,12 @@ def aggregate(values: Sequence[Mapping[str, float]]) -> dict[str, float]:
         out[f"{key}_std"] = float(column.std(ddof=0))
     out["n_seeds"] = len(values)
     return out
+
+
+def class_accuracy(predicted: Tensor, labels: Tensor) -> float:
+    """The fraction of samples whose predicted class equals the label they were drawn at:
+    (1/M) sum_m [pred_m = y_m]. predicted, labels: (M,) integer tensors."""
+    if predicted.shape != labels.shape or predicted.dim() != 1 or predicted.shape[0] == 0:
+        raise ValueError(f"predicted {tuple(predicted.shape)} and labels "
+                         f"{tuple(labels.shape)} must be the same non-empty (M,) shape")
+    return float((predicted.cpu().long() == labels.cpu().long()).double().mean())

@@ -13,33 +13,49 @@ step draws t ~ U[0, 1] and regresses v(x_t, t) on x_1 - z with x_t = (1 - t) z +
 Noises come from per-sample seeds (``seeds.sample_noise``), so a shard [start, start + count)
 gives the same pairs as the same rows of one big run. Whether sample i is held out for
 validation depends only on (seed, i) as well.
+
+Class-conditional teachers (``num_classes`` C): sample i's path is the teacher's (guided)
+field at label y_i = i mod C (``boss_core.guidance``), and its pairs carry y_i, which the
+student is called with (``extras``); unconditional pairs have y None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .grids import check_n_steps, uniform_grid
+from .guidance import balanced_labels
 from .sampling import euler_step
 from .schedule import Schedule
 from .seeds import HOLDOUT_STREAM, sample_noise, sample_seed
 from .velocity import VelocityFn, evaluate_velocity
 
 
+def _take(y: Tensor | None, index) -> Tensor | None:
+    return None if y is None else y[index]
+
+
+def _extras(y: Tensor | None) -> dict[str, Tensor]:
+    return {} if y is None else {"y": y}
+
+
 @dataclass(frozen=True, eq=False)
 class ChordPairs:
     """x: (P, ...) inputs; t: (P,) float64 times; target: (P, ...) chord velocities;
-    sample: (P,) int64 index of the noise each pair came from."""
+    sample: (P,) int64 index of the noise each pair came from; y: (P,) int64 class labels
+    the teacher was called with (None: unconditional)."""
 
     x: Tensor
     t: Tensor
     target: Tensor
     sample: Tensor
+    y: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -49,26 +65,33 @@ class ChordPairs:
         index = index.to(self.x.device)
         return self.x[index], self.t[index], self.target[index]
 
+    def extras(self, index: Tensor) -> dict[str, Tensor]:
+        """The student's extras of rows ``index``: {} or {"y": (B,) labels}."""
+        return _extras(_take(self.y, index.to(self.x.device)))
+
     def subset(self, keep: Tensor) -> ChordPairs:
-        return ChordPairs(self.x[keep], self.t[keep], self.target[keep], self.sample[keep])
+        return ChordPairs(self.x[keep], self.t[keep], self.target[keep], self.sample[keep],
+                          _take(self.y, keep))
 
     def to(self, device) -> ChordPairs:
         return ChordPairs(self.x.to(device), self.t.to(device), self.target.to(device),
-                          self.sample)
+                          self.sample, None if self.y is None else self.y.to(device))
 
     @staticmethod
     def concat(parts: list[ChordPairs]) -> ChordPairs:
-        return ChordPairs(*(torch.cat([getattr(p, f) for p in parts])
-                            for f in ("x", "t", "target", "sample")))
+        cat = [torch.cat([getattr(p, f) for p in parts]) for f in ("x", "t", "target", "sample")]
+        return ChordPairs(*cat, _concat_labels(parts))
 
 
 @dataclass(frozen=True, eq=False)
 class ReflowPairs:
-    """z: (M, ...) noises; x1: (M, ...) teacher end points; sample: (M,) int64 indices."""
+    """z: (M, ...) noises; x1: (M, ...) teacher end points; sample: (M,) int64 indices;
+    y: (M,) int64 class labels (None: unconditional)."""
 
     z: Tensor
     x1: Tensor
     sample: Tensor
+    y: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.z.shape[0])
@@ -81,25 +104,38 @@ class ReflowPairs:
         t_b = t.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
         return (1 - t_b) * z + t_b * x1, t, x1 - z
 
+    def extras(self, index: Tensor) -> dict[str, Tensor]:
+        """The student's extras of rows ``index``: {} or {"y": (B,) labels}."""
+        return _extras(_take(self.y, index.to(self.z.device)))
+
     def subset(self, keep: Tensor) -> ReflowPairs:
-        return ReflowPairs(self.z[keep], self.x1[keep], self.sample[keep])
+        return ReflowPairs(self.z[keep], self.x1[keep], self.sample[keep], _take(self.y, keep))
 
     def to(self, device) -> ReflowPairs:
-        return ReflowPairs(self.z.to(device), self.x1.to(device), self.sample)
+        return ReflowPairs(self.z.to(device), self.x1.to(device), self.sample,
+                           None if self.y is None else self.y.to(device))
 
     @staticmethod
     def concat(parts: list[ReflowPairs]) -> ReflowPairs:
-        return ReflowPairs(*(torch.cat([getattr(p, f) for p in parts])
-                             for f in ("z", "x1", "sample")))
+        cat = [torch.cat([getattr(p, f) for p in parts]) for f in ("z", "x1", "sample")]
+        return ReflowPairs(*cat, _concat_labels(parts))
+
+
+def _concat_labels(parts) -> Tensor | None:
+    labelled = {p.y is not None for p in parts}
+    if len(labelled) > 1:
+        raise ValueError("cannot concatenate labelled and unlabelled pairs")
+    return torch.cat([p.y for p in parts]) if labelled == {True} else None
 
 
 @torch.no_grad()
 def teacher_states_at(velocity: VelocityFn, noise: Tensor, n_steps: int,
-                      indices: list[int]) -> Tensor:
+                      indices: list[int], extras: Mapping[str, Any] | None = None) -> Tensor:
     """States x_i of the N-step uniform Euler teacher at the given grid indices.
 
     Args:
         noise: (B, ...) x_0. indices: sorted grid indices in [0, N].
+        extras: the teacher's conditioning of these samples (e.g. {"y": (B,) labels}).
     Returns:
         (len(indices), B, ...) in noise's dtype; memory O(len(indices) * B), not O(N * B).
     """
@@ -111,7 +147,8 @@ def teacher_states_at(velocity: VelocityFn, noise: Tensor, n_steps: int,
     x = noise
     for i in range(wanted[-1] if wanted else 0):
         t_cur, t_next = float(grid[i]), float(grid[i + 1])
-        x = euler_step(x, evaluate_velocity(velocity, x, t_cur, step=i), t_cur, t_next)
+        x = euler_step(x, evaluate_velocity(velocity, x, t_cur, step=i, extras=extras),
+                       t_cur, t_next)
         if i + 1 in wanted:
             keep[i + 1] = x
     return torch.stack([keep[i] for i in indices])
@@ -149,10 +186,14 @@ def _noise_batches(data_shape, seed: int, start: int, count: int, batch_size: in
 def teacher_pairs(velocity: VelocityFn, schedules: Mapping[Hashable, Schedule], n_steps: int,
                   data_shape, *, seed: int, start: int, count: int, batch_size: int = 256,
                   device=None, dtype: torch.dtype = torch.float32, reflow: bool = False,
-                  progress: bool = False) -> tuple[dict[Hashable, ChordPairs], ReflowPairs | None]:
+                  num_classes: int | None = None, progress: bool = False
+                  ) -> tuple[dict[Hashable, ChordPairs], ReflowPairs | None]:
     """Chord pairs for every keyed schedule, and optionally reflow pairs, from ONE teacher pass
     over samples [start, start + count): states are kept at the union of the indices.
 
+    num_classes: C of a class-conditional ``velocity`` (e.g. a ``guidance.GuidedVelocity``):
+        sample i's path is the teacher's at label y_i = i mod C
+        (``guidance.balanced_labels``), stored in the pairs' ``y``; None: unconditional.
     Returns:
         ({key: ChordPairs}, ReflowPairs or None).
     """
@@ -166,10 +207,12 @@ def teacher_pairs(velocity: VelocityFn, schedules: Mapping[Hashable, Schedule], 
     ends: list[ReflowPairs] = []
     for lo, z in _noise_batches(data_shape, seed, start, count, batch_size, device,
                                 dtype, "teacher pairs", progress):
-        states = teacher_states_at(velocity, z, n, union)  # (len(union), B, ...)
+        y = None if num_classes is None else balanced_labels(num_classes, lo, z.shape[0])
+        states = teacher_states_at(velocity, z, n, union,  # (len(union), B, ...)
+                                   extras=_extras(None if y is None else y.to(z.device)))
         index = torch.arange(lo, lo + z.shape[0])
         if reflow:
-            ends.append(ReflowPairs(z, states[pos[n]], index))
+            ends.append(ReflowPairs(z, states[pos[n]], index, y))
         for key, path in paths.items():
             xs, ts, targets = [], [], []
             for a, b in zip(path[:-1], path[1:], strict=True):
@@ -178,7 +221,8 @@ def teacher_pairs(velocity: VelocityFn, schedules: Mapping[Hashable, Schedule], 
                 ts.append(torch.full((z.shape[0],), a / n, dtype=torch.float64))
                 targets.append((x_b - x_a) / ((b - a) / n))
             parts[key].append(ChordPairs(torch.cat(xs), torch.cat(ts), torch.cat(targets),
-                                         index.repeat(len(path) - 1)))
+                                         index.repeat(len(path) - 1),
+                                         None if y is None else y.repeat(len(path) - 1)))
     chords = {key: ChordPairs.concat(v) for key, v in parts.items()}
     return chords, (ReflowPairs.concat(ends) if reflow else None)
 

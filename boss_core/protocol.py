@@ -11,6 +11,12 @@ Every step iterates the method registry (``boss_core.methods``) over ``sweep.met
 5. ``score_rows``: every row over the evaluation seeds; ``cost_table``: what each row cost.
 
 Noise sets are kept apart by named seed offsets (``boss_core.seeds``).
+
+Class-conditional teachers (``conditioning``: C from the model, w = ``sweep.guidance``):
+every teacher call, in the cost matrix, the searches, the pairs, the reference row and the
+evaluation rows, is the guided field ``guidance.guided(teacher, w, C)`` at the labels
+y_i = i mod C of its noise set (2 network calls when w != 1); the students take the labels
+and learn the guided chords (1 call per step). Rows stay keyed by K; the costs count calls.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from .grids import uniform_grid
+from .guidance import Conditioning, check_guidance
 from .lora import add_lora, check_lora_rank, merge_lora
 from .methods import REGISTRY, Method, MethodOptions, SearchInputs, get
-from .metrics import aggregate
+from .metrics import aggregate, class_accuracy
 from .pairs import holdout_mask
 from .schedule import Schedule
 from .seeds import eval_seeds, pairs_seed
@@ -34,19 +41,31 @@ from .straighten import StraightenConfig, StraightenResult, straighten, trainabl
 from .velocity import NFECounter, VelocityFn
 
 Table = dict[str, dict[int, Schedule]]  # {schedule name: {K: Schedule}}
+UNCONDITIONAL = Conditioning()  # no labels, no guidance: the default run
 Score = Callable[[Tensor], dict[str, float]]
 
 
 @dataclass
 class Cost:
-    """What a row cost: training iterations, wall seconds, trainable parameters, and the
-    network calls (batched) and per-sample evaluations spent on its schedule search."""
+    """What a row cost: training iterations, wall seconds, trainable parameters, the network
+    calls (batched) and per-sample evaluations spent on its schedule search, and
+    ``sample_nfe``, the network calls of one sample (K, or 2K for a guided teacher)."""
 
     iterations: int = 0
     wall_seconds: float = 0.0
     trainable_params: int = 0
     search_nfe: int = 0
     search_evaluations: int = 0
+    sample_nfe: int = 0
+
+
+def conditioning(sweep, num_classes: int | None, label_dropout: float | None = None,
+                 pretrained: bool = False) -> Conditioning:
+    """The run's labels and guidance: C = ``num_classes`` (the model's; None unconditional),
+    w = ``sweep.guidance``. Raises ValueError naming the key a model cannot honour
+    (``guidance.check_guidance``) before any compute."""
+    check_guidance(sweep.guidance, num_classes, label_dropout, pretrained)
+    return Conditioning(num_classes, sweep.guidance)
 
 
 def selected(sweep) -> list[Method]:
@@ -75,7 +94,8 @@ def needs_teacher_search(sweep) -> bool:
 def search_schedules(sweep, options: MethodOptions, *, cost=None,
                      cost_search: Mapping[str, Any] | None = None,
                      teacher: VelocityFn | None = None, noise: Tensor | None = None,
-                     progress: bool = False) -> tuple[Table, dict[str, Cost]]:
+                     cond: Conditioning = UNCONDITIONAL, progress: bool = False
+                     ) -> tuple[Table, dict[str, Cost]]:
     """Each searched schedule for every K in ``sweep.nfes``.
 
     Args:
@@ -83,7 +103,8 @@ def search_schedules(sweep, options: MethodOptions, *, cost=None,
         cost_search: what computing ``cost`` took ({search_nfe, search_evaluations,
             wall_seconds}); every cost method is charged it.
         teacher, noise: for teacher searches (``needs_teacher_search``); their network calls
-            are counted here.
+            are counted here (a guided teacher's 2 per evaluation).
+        cond: the labels of the noises (y_i = i mod C) and the guidance of the teacher.
     Returns:
         ({name: {K: Schedule}}, {name: Cost} for the searches that spent network calls).
     """
@@ -91,20 +112,23 @@ def search_schedules(sweep, options: MethodOptions, *, cost=None,
     spent: dict[str, Cost] = {}
     for name in searches_to_run(sweep):
         search = REGISTRY[name].search
-        velocity, start = teacher, time.perf_counter()
+        velocity, counter, extras, start = teacher, None, {}, time.perf_counter()
         if search.needs == "teacher":
             if teacher is None or noise is None:
                 raise ValueError(f"the {name} search needs the teacher and the search noises")
-            velocity = NFECounter(teacher)
+            counter = NFECounter(teacher)  # inside the guidance: counts both of its calls
+            velocity = cond.teacher(counter)
+            extras = cond.extras(0, noise.shape[0], noise.device)
         if search.needs == "cost" and cost is None:
             raise ValueError(f"the {name} search needs the cost matrix")
         inputs = SearchInputs(tuple(sweep.nfes), sweep.n_steps, cost=cost, teacher=velocity,
-                              noise=noise, batch_size=sweep.batch_size, progress=progress)
+                              noise=noise, extras=extras, batch_size=sweep.batch_size,
+                              progress=progress)
         table[name] = search.build(inputs, options.of(name))
         if search.needs == "teacher":
             spent[name] = Cost(wall_seconds=time.perf_counter() - start,
-                               search_nfe=velocity.nfe,
-                               search_evaluations=velocity.n_evaluations)
+                               search_nfe=counter.nfe,
+                               search_evaluations=counter.n_evaluations)
         elif search.needs == "cost" and cost_search is not None:
             spent[name] = Cost(**{k: cost_search[k] for k in
                                   ("search_nfe", "search_evaluations", "wall_seconds")})
@@ -208,9 +232,12 @@ def fit_method(method: str | Method, teacher: nn.Module, pairs_of: Callable[[int
 
 
 def sampling_plan(sweep, teacher: VelocityFn, table: Table,
-                  student: Callable[[str, int], VelocityFn] | None = None):
+                  student: Callable[[str, int], VelocityFn] | None = None,
+                  cond: Conditioning = UNCONDITIONAL):
     """{method: {K: (velocity, times)}}: what each row samples with; the reference row is
-    keyed by its N network calls. ``student(method, K)`` gives a trained method's model."""
+    keyed by its N steps. ``student(method, K)`` gives a trained method's model (called with
+    the labels, once per step); the teacher rows sample ``cond.teacher(teacher)`` (guided)."""
+    teacher = cond.teacher(teacher)
     plan: dict[str, dict[int, tuple]] = {}
     for m in selected(sweep):
         if m.reference:
@@ -232,7 +259,9 @@ def evaluation_seeds(sweep) -> list[int]:
     return eval_seeds(sweep.seed, sweep.n_seeds)
 
 
-def score_rows(plan, samples, score: Score, sweep, progress: bool = False
+def score_rows(plan, samples, score: Score, sweep, progress: bool = False, *,
+               cond: Conditioning = UNCONDITIONAL,
+               classify: Callable[[Tensor], Tensor] | None = None
                ) -> dict[str, dict[str, dict]]:
     """Score every (method, K) over ``sweep.n_seeds`` noise seeds.
 
@@ -240,10 +269,13 @@ def score_rows(plan, samples, score: Score, sweep, progress: bool = False
         samples: ``boss_core.shards.Drawn`` over samples 0 .. eval_samples-1 of every seed.
         score: one seed's (M, ...) samples (or their features, when drawn with
             ``featurize``) -> {name: value}.
+        cond, classify: for a class-conditional run, ``classify`` maps one seed's (M, ...)
+            values to (M,) predicted classes, and each row gets ``class_accuracy``, the
+            fraction equal to the labels the samples were drawn at (y_i = i mod C).
     Returns:
-        {method: {"nfe_K": {<score keys>, <key>_std, endpoint_rmse, n_samples, n_seeds}}}.
-        endpoint_rmse pools every seed's samples against the N-step teacher from the same
-        noises, so the reference row's is exactly 0.
+        {method: {"nfe_K": {<score keys>, <key>_std, [class_accuracy, class_accuracy_std,]
+        endpoint_rmse, n_samples, n_seeds}}}. endpoint_rmse pools every seed's samples
+        against the N-step teacher from the same noises, so the reference row's is exactly 0.
     """
     from tqdm.auto import tqdm
 
@@ -252,10 +284,18 @@ def score_rows(plan, samples, score: Score, sweep, progress: bool = False
                          f"sweep.eval_samples={sweep.eval_samples}")
     seeds = range(sweep.n_seeds)
     rows = [(m, k) for m, table in plan.items() for k in table]
+    labels = cond.labels(0, sweep.eval_samples) if classify is not None else None
+
+    def seed_scores(values: Tensor) -> dict[str, float]:
+        out = score(values)
+        if labels is not None:
+            out["class_accuracy"] = class_accuracy(classify(values), labels)
+        return out
+
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for method, k in tqdm(rows, desc="score", disable=not progress):
         key = ("reference", sweep.n_steps) if get(method).reference else (method, k)
-        row = aggregate([score(samples.values[(*key, s)]) for s in seeds])
+        row = aggregate([seed_scores(samples.values[(*key, s)]) for s in seeds])
         row["endpoint_rmse"] = samples.endpoint_rmse(key, sweep.n_seeds)
         row["n_samples"] = sweep.eval_samples
         bad = [name for name, value in row.items() if not math.isfinite(value)]
@@ -266,16 +306,19 @@ def score_rows(plan, samples, score: Score, sweep, progress: bool = False
 
 
 def cost_table(sweep, search_costs: Mapping[str, Cost],
-               student_costs: Mapping[str, Mapping[int, Cost]]) -> dict:
+               student_costs: Mapping[str, Mapping[int, Cost]],
+               cond: Conditioning = UNCONDITIONAL) -> dict:
     """{method: {"nfe_K": Cost fields}}: training from ``student_costs`` ({method: {K:
     Cost}}); every row also carries its schedule's search calls, and the row whose own search
-    it is, the search's wall time."""
+    it is, the search's wall time; ``sample_nfe`` is K for a student, K times the teacher's
+    calls per step (2 when guided) for a teacher row."""
     out: dict[str, dict[str, dict]] = {}
     for m in selected(sweep):
         keys = [sweep.n_steps] if m.reference else list(sweep.nfes)
         schedule = None if m.reference else schedule_name(m, sweep)
         for k in keys:
             cost = Cost(**vars(student_costs[m.name][k])) if m.name in student_costs else Cost()
+            cost.sample_nfe = k if m.trained else k * cond.calls_per_step
             if schedule in search_costs:
                 found = search_costs[schedule]
                 cost.search_nfe = found.search_nfe

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .cost import CostMatrix, cost_matrix
 from .device import resolve_device
 from .grids import uniform_grid
+from .guidance import Conditioning
 from .pairs import ChordPairs, ReflowPairs, teacher_pairs
 from .sampling import euler_sample
 from .schedule import Schedule
@@ -90,16 +91,32 @@ def _noise_batches(data_shape, seed: int, start: int, count: int, batch_size: in
         yield sample_noise(tuple(data_shape), seed, lo, n, device=device)
 
 
+def _labelled_batches(data_shape, seed: int, start: int, count: int, batch_size: int, device,
+                      num_classes: int | None):
+    """(noise, extras) batches: extras {"y": y_i = i mod C} of a class-conditional teacher,
+    {} when ``num_classes`` is None."""
+    cond = Conditioning(num_classes)
+    for lo in range(start, start + count, batch_size):
+        n = min(batch_size, start + count - lo)
+        yield (sample_noise(tuple(data_shape), seed, lo, n, device=device),
+               cond.extras(lo, n, device))
+
+
 def cost_shard(velocity: VelocityFn, data_shape, seed: int, start: int, count: int,
-               n_steps: int, batch_size: int, device=None, method: str = "gram") -> CostMatrix:
+               n_steps: int, batch_size: int, device=None, method: str = "gram",
+               num_classes: int | None = None) -> CostMatrix:
     """The cost sum over teacher paths from noises [start, start + count) of ``seed``.
 
+    num_classes: C of a class-conditional ``velocity`` (e.g. guided): path i runs at label
+        y_i = i mod C (``boss_core.guidance``); None: unconditional.
     Returns:
         CostMatrix with sum (N+1, N+1) float64 over ``count`` paths; shards merge with
         ``merge_costs``.
     """
     device = _place(device, velocity)
-    noise = _noise_batches(data_shape, seed, start, count, batch_size, device)
+    noise = (_noise_batches(data_shape, seed, start, count, batch_size, device)
+             if num_classes is None else
+             _labelled_batches(data_shape, seed, start, count, batch_size, device, num_classes))
     with torch.no_grad():
         return cost_matrix(velocity, noise, n_steps, batch_size, method=method)
 
@@ -113,13 +130,14 @@ def merge_costs(parts: Sequence[CostMatrix]) -> CostMatrix:
 
 def pairs_shard(velocity: VelocityFn, schedules: Mapping[Hashable, Schedule], n_steps: int,
                 data_shape, seed: int, start: int, count: int, batch_size: int, device=None,
-                reflow: bool = False) -> tuple[dict[Hashable, ChordPairs], ReflowPairs | None]:
+                reflow: bool = False, num_classes: int | None = None
+                ) -> tuple[dict[Hashable, ChordPairs], ReflowPairs | None]:
     """``teacher_pairs`` over samples [start, start + count), returned on the CPU."""
     device = _place(device, velocity)
     with torch.no_grad():
         chords, ends = teacher_pairs(velocity, schedules, n_steps, data_shape, seed=seed,
                                      start=start, count=count, batch_size=batch_size,
-                                     device=device, reflow=reflow)
+                                     device=device, reflow=reflow, num_classes=num_classes)
     chords = {key: p.to("cpu") for key, p in chords.items()}
     return chords, (ends.to("cpu") if ends is not None else None)
 
@@ -160,12 +178,14 @@ class Drawn:
 def sample_shard(rows: Mapping[RowKey, tuple[VelocityFn, Sequence[float]]], teacher: VelocityFn,
                  data_shape, seeds: Sequence[int], n_steps: int, start: int, count: int,
                  batch_size: int, device=None, featurize: Callable[[Tensor], Tensor] | None = None,
-                 progress: bool = False) -> Drawn:
+                 progress: bool = False, num_classes: int | None = None) -> Drawn:
     """Euler samples of every row from noises [start, start + count) of every seed.
 
     Args:
         rows: {(method, K): (velocity, times)} with times (K + 1,) from 0 to 1.
         seeds: the evaluation's noise seeds.
+        num_classes: C of class-conditional velocities: sample i of every seed is drawn at
+            label y_i = i mod C (class-balanced, ``boss_core.guidance``); None: unconditional.
         featurize: (count, ...) samples -> (count, D) features (e.g. the FID extractor's):
             only features come back, so a 50k-sample evaluation of large images moves
             (count, D) per row, never the images.
@@ -179,10 +199,12 @@ def sample_shard(rows: Mapping[RowKey, tuple[VelocityFn, Sequence[float]]], teac
     sq_err = {key: 0.0 for key in plan}
     with torch.no_grad():
         for s, seed in enumerate(tqdm(seeds, desc="sample", disable=not progress)):
-            noise = list(_noise_batches(data_shape, seed, start, count, batch_size, device))
+            noise = list(_labelled_batches(data_shape, seed, start, count, batch_size, device,
+                                           num_classes))
             reference = None
             for key, (velocity, times) in plan.items():
-                x = torch.cat([euler_sample(velocity, z, times).cpu() for z in noise])
+                x = torch.cat([euler_sample(velocity, z, times, extras=ex).cpu()
+                               for z, ex in noise])
                 if reference is None:
                     reference = x
                 else:

@@ -5,6 +5,9 @@ for reflow), the loss is the squared error averaged over dims and batch:
 
     L(theta) = mean_{b} (1/D) || v_theta(x_b, tau_b) - u_b ||^2
 
+(class-conditional pairs carry labels y_b: the student is v_theta(x_b, tau_b, y_b), one call,
+regressed on the chords of the teacher's guided field; ``boss_core.guidance``)
+
 trained by ``boss_core.training.train`` (Adam with a linear warm-up, grad-norm clipping, an
 EMA started from the teacher's weights, the checkpoint ``straighten.pt`` and its resume).
 Step s draws its batch from ``step_generator(seed, s)``, so a run resumed from its
@@ -102,7 +105,7 @@ def straightening_loss(model, pairs, batch_size: int = 1024, seed: int = 0) -> f
     for lo in range(0, len(pairs), batch_size):
         index = torch.arange(lo, min(lo + batch_size, len(pairs)))
         x, t, target = pairs.batch(index, gen)
-        err = (model(x.to(dtype), t.to(dtype)) - target.to(dtype)) ** 2
+        err = (model(x.to(dtype), t.to(dtype), **pairs.extras(index)) - target.to(dtype)) ** 2
         total += float(err.reshape(err.shape[0], -1).mean(dim=1).double().sum())
         count += index.shape[0]
     return total / count
@@ -165,7 +168,8 @@ def straighten(
         index = torch.randint(len(train), (config.batch_size,), generator=gen)  # (B,)
         x, t, target = train.batch(index, gen)  # the global batch, the same on every rank
         x, t, target = x[rows], t[rows], target[rows]  # (B / W, ...): this rank's shard
-        return F.mse_loss(net(x.to(dtype), t.to(dtype)), target.to(dtype))
+        extras = {k: v[rows] for k, v in train.extras(index).items()}  # {} or {"y": (B / W,)}
+        return F.mse_loss(net(x.to(dtype), t.to(dtype), **extras), target.to(dtype))
 
     def held_out(ema_model: nn.Module) -> float:
         return straightening_loss(ema_model, val, seed=config.seed)

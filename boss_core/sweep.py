@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import protocol
 from .config import ConfigMixin, check_int, check_number
+from .guidance import check_guidance_weight, num_classes_of
 from .methods import (
     REGISTRY,
     MethodOptions,
@@ -40,7 +41,11 @@ __all__ = ["METHODS", "TRAINED", "Cost", "SweepConfig", "metrics_frame", "run_sw
 
 @dataclass(frozen=True)
 class SweepConfig(ConfigMixin):
-    """The ``sweep`` section of params.yaml (evaluation and the pairs/search sizes)."""
+    """The ``sweep`` section of params.yaml (evaluation and the pairs/search sizes).
+
+    guidance: the classifier-free guidance weight w of a class-conditional teacher
+    (``boss_core.guidance``); None: plain conditional (or unconditional) sampling.
+    """
 
     methods: tuple[str, ...] = default_names()
     nfes: tuple[int, ...] = (1, 2, 4, 6, 8, 10)
@@ -54,9 +59,13 @@ class SweepConfig(ConfigMixin):
     n_seeds: int = 3
     seed: int = 0
     batch_size: int = 500
+    guidance: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
+        check_guidance_weight(self.guidance)
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", float(self.guidance))
         object.__setattr__(self, "nfes", tuple(self.nfes))
         unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
@@ -84,9 +93,17 @@ class SweepConfig(ConfigMixin):
 def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
               train_config: StraightenConfig, *, options: MethodOptions | None = None,
               checkpoint_root=None, device=None, progress: bool = True,
-              min_eval_samples: int = 1, featurize=None):
+              min_eval_samples: int = 1, featurize=None, num_classes: int | None = None,
+              label_dropout: float | None = None, classify=None):
     """Search, train and evaluate, as the stages do. Returns (metrics dict, costs dict,
     metrics DataFrame).
+
+    ``num_classes``: C of a class-conditional teacher (None: ``teacher.num_classes``, or
+    unconditional); with ``config.guidance`` w every teacher call is guided
+    (``boss_core.guidance``). ``label_dropout``: the teacher's, to refuse w != 1 on a teacher
+    whose unconditional mode was never trained (None: not checked). ``classify``: one seed's
+    values (samples, or features with ``featurize``) -> (M,) predicted classes; a
+    conditional run's rows then get ``class_accuracy``.
 
     ``options``: the methods' settings (params.yaml ``methods``; None: their defaults).
     ``min_eval_samples``: the fewest samples ``score`` accepts (KID's ``kid_subset_size``),
@@ -100,16 +117,21 @@ def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
         raise ValueError(f"train_config must be a StraightenConfig, got "
                          f"{type(train_config).__name__}")
     options = options or MethodOptions()
+    num_classes = num_classes_of(teacher) if num_classes is None else num_classes
+    cond = protocol.conditioning(config, num_classes, label_dropout)  # before any compute
     teacher = teacher.eval()
+    guided = cond.teacher(teacher)
     for m in protocol.selected(config):
         protocol.check_student(m, teacher, config)  # before any compute
     shape, n, batch = tuple(data_shape), config.n_steps, config.batch_size
 
     start = time.perf_counter()  # the cost step
-    cost = merge_costs([cost_shard(teacher, shape, search_seed(config.seed), 0,
-                                   config.search_samples, n, batch, device=device)])
-    cost_search = {"search_nfe": -(-config.search_samples // batch) * n,
-                   "search_evaluations": cost.n_samples * n,
+    cost = merge_costs([cost_shard(guided, shape, search_seed(config.seed), 0,
+                                   config.search_samples, n, batch, device=device,
+                                   num_classes=cond.num_classes)])
+    calls = cond.calls_per_step
+    cost_search = {"search_nfe": -(-config.search_samples // batch) * n * calls,
+                   "search_evaluations": cost.n_samples * n * calls,
                    "wall_seconds": time.perf_counter() - start}
     noise = None
     if protocol.needs_teacher_search(config):
@@ -118,11 +140,12 @@ def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
                              device=dev)
     table, search_costs = protocol.search_schedules(  # the schedules step
         config, options, cost=cost, cost_search=cost_search, teacher=teacher, noise=noise,
-        progress=progress)
+        cond=cond, progress=progress)
 
     chords, ends = merge_pairs([pairs_shard(  # the pairs step: one teacher pass
-        teacher, protocol.pair_targets(config, table), n, shape, pairs_seed(config.seed), 0,
-        config.pair_samples, batch, device=device, reflow=protocol.wants_reflow(config))])
+        guided, protocol.pair_targets(config, table), n, shape, pairs_seed(config.seed), 0,
+        config.pair_samples, batch, device=device, reflow=protocol.wants_reflow(config),
+        num_classes=cond.num_classes)])
 
     students, student_costs = {}, {}
     for m in protocol.selected(config):  # the straighten steps
@@ -143,10 +166,12 @@ def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
         student_costs[m.name] = protocol.student_costs_of(m.name, config, fitted.costs)
 
     plan = protocol.sampling_plan(config, teacher, table,  # the evaluate step
-                                  lambda method, k: students[method][k].model)
-    drawn = sample_shard(protocol.sampled_rows(plan), teacher, shape,
+                                  lambda method, k: students[method][k].model, cond=cond)
+    drawn = sample_shard(protocol.sampled_rows(plan), guided, shape,
                          protocol.evaluation_seeds(config), n, 0, config.eval_samples, batch,
-                         device=device, featurize=featurize, progress=progress)
-    metrics = protocol.score_rows(plan, drawn, score, config, progress=progress)
-    return metrics, protocol.cost_table(config, search_costs, student_costs), \
+                         device=device, featurize=featurize, progress=progress,
+                         num_classes=cond.num_classes)
+    metrics = protocol.score_rows(plan, drawn, score, config, progress=progress, cond=cond,
+                                  classify=classify)
+    return metrics, protocol.cost_table(config, search_costs, student_costs, cond), \
         metrics_frame(metrics)

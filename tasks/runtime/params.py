@@ -36,6 +36,7 @@ from boss_core.data import DataConfig
 from boss_core.features import FeatureNetConfig
 from boss_core.fidelity import FidelityConfig
 from boss_core.grids import uniform_grid
+from boss_core.guidance import check_guidance
 from boss_core.methods import MethodOptions
 from boss_core.models import ModelConfig
 from boss_core.paths import get_path
@@ -203,6 +204,11 @@ def _is_number(text: str) -> bool:
 
 def _check_across(p: Params) -> None:
     s = p.sweep
+    try:  # guidance needs a conditional model whose unconditional mode was trained
+        check_guidance(s.guidance, p.model.num_classes, p.teacher.label_dropout,
+                       pretrained=p.model.weights is not None)
+    except ValueError as err:
+        raise ParamsError(str(err)) from err
     if p.fidelity.kid_subset_size > s.eval_samples and p.data.name not in _POINT_SETS:
         raise ParamsError(f"fidelity.kid_subset_size={p.fidelity.kid_subset_size} exceeds "
                           f"sweep.eval_samples={s.eval_samples}")
