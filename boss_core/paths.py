@@ -42,7 +42,9 @@ else. The registry ``PATHS``:
   alpha' (E[x1 | x_t] + alpha grad log p_t(x_t)) stays finite at t = 1 (as
   sigma sigma' = -alpha alpha'), and the last step errs by O(s^2) like any other.
 
-Fine grids that evaluate the teacher beyond t_max are refused by ``check_grid``.
+Fine grids that evaluate the teacher beyond t_max are refused by ``check_grid``. Heun's
+corrector (``cost_matrix(solver="heun")``, ``global_schedules(solver="heun")``) does evaluate
+the network at t = 1: its output is finite there, but untrained past t_max.
 
 Only the time along the paths differs, not where they end: with y = x / sigma and
 rho = alpha / sigma, the exact marginal flow obeys dy / drho = E[x1 | rho x1 + z = y] whatever
