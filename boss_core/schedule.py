@@ -74,6 +74,23 @@ class Schedule:
         """
         return 1.0 - self.times[:-1]
 
+    def to_denoiser_sigmas(self, sigma_max: float) -> np.ndarray:
+        """(K + 1,) float64 sigmas for a diffusion model's ``EulerDiscreteScheduler``.
+
+        A denoiser on the linear path (``boss_core.denoisers``) sits at t = alpha / (alpha +
+        sigma), so its scheduler sigma is sigma / alpha = (1 - t_k) / t_k, and the list ends
+        with the final 0 (t_K = 1, the denoised sample): pass it whole to
+        ``scheduler.set_timesteps(sigmas=...)``. t_0 = 0 (pure noise) has no finite sigma; it
+        gets ``sigma_max``, the scheduler's largest (the noise schedule's ``sigma_ratio_max``),
+        where the adapter evaluates the network too. diffusers' Euler steps then equal boss's
+        Euler steps on this schedule after the first one (whose start differs by O(t_1)
+        of the noise; see docs/diffusers.md).
+        """
+        if not 0 < sigma_max < np.inf:
+            raise ValueError(f"sigma_max must be a finite number > 0, got {sigma_max!r}")
+        inner = self.times[1:-1]
+        return np.concatenate([[float(sigma_max)], (1.0 - inner) / inner, [0.0]])
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigMixin, check_int
+from ..denoisers import DenoiserConfig
 from ..seeds import seeded
 from .external import (
     ADAPTERS,
@@ -38,6 +39,7 @@ __all__ = [
     "ARCHITECTURES",
     "BUILTIN_ARCHITECTURES",
     "ConditionEmbedding",
+    "DenoiserConfig",
     "ModelConfig",
     "VelocityMLP",
     "VelocityUNet",
@@ -68,8 +70,11 @@ class ModelConfig(ConfigMixin):
     for the builtin arches.
 
     adapter (any arch): "plain" (the network already is v(x, t), t in [0, 1], 0 noise),
-    "rectified_flow" (``RectifiedFlowAdapter``) or "diffusers" (``DiffusersFlowAdapter``).
-    The wrapped model keeps its network as ``.net`` (state_dict keys gain a "net." prefix).
+    "rectified_flow" (``RectifiedFlowAdapter``), "diffusers" (``DiffusersFlowAdapter``) or
+    "denoiser" (``boss_core.denoisers.DenoiserAdapter``: a diffusion model's epsilon / x0 / v
+    prediction, configured by ``denoiser``, a ``DenoiserConfig`` or its mapping, which must keep
+    its defaults with any other adapter). The wrapped model keeps its network as ``.net``
+    (state_dict keys gain a "net." prefix).
 
     weights: a pretrained state_dict file (.safetensors, or .pt/.pth read with
     ``torch.load(weights_only=True)``) holding the UNWRAPPED network's keys. ``build_model``
@@ -94,6 +99,7 @@ class ModelConfig(ConfigMixin):
     import_path: str | None = None
     init_kwargs: dict[str, Any] | None = None
     adapter: str = "plain"
+    denoiser: DenoiserConfig = DenoiserConfig()
     weights: str | None = None
 
     def __post_init__(self):
@@ -142,12 +148,25 @@ class ModelConfig(ConfigMixin):
                     f"with arch {self.arch!r}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        if self.denoiser is None:
+            object.__setattr__(self, "denoiser", DenoiserConfig())
+        elif isinstance(self.denoiser, Mapping):
+            object.__setattr__(self, "denoiser", DenoiserConfig.from_dict(self.denoiser))
+        elif not isinstance(self.denoiser, DenoiserConfig):
+            raise ValueError(f"denoiser must be a mapping of denoiser keys, got {self.denoiser!r}")
+        if self.adapter != "denoiser" and self.denoiser != DenoiserConfig():
+            raise ValueError(f"denoiser keys only apply with adapter 'denoiser', got adapter "
+                             f"{self.adapter!r} with denoiser {self.denoiser.to_dict()}")
         if self.weights is not None:
             if isinstance(self.weights, os.PathLike):
                 object.__setattr__(self, "weights", os.fspath(self.weights))
             if not isinstance(self.weights, str) or not self.weights.strip():
                 raise ValueError(
                     f"weights must be a path to a state_dict file or None, got {self.weights!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (tuples become lists, denoiser a dict) that round-trip ``from_dict``."""
+        return {**super().to_dict(), "denoiser": self.denoiser.to_dict()}
 
     def __hash__(self) -> int:
         # init_kwargs is a dict, so the generated field-tuple hash would fail
@@ -199,7 +218,7 @@ def build_model(
     factory = import_object(config.import_path) if config.arch == "import" else None
     with seeded(seed):  # one construction at a time draws from the global RNG
         net = _construct(config, data_shape, factory)
-    return wrap_adapter(net, config.adapter)
+    return wrap_adapter(net, config.adapter, config.denoiser)
 
 
 def _construct(config: ModelConfig, data_shape: tuple[int, ...], factory: Any) -> nn.Module:
@@ -255,6 +274,7 @@ def build_pretrained(
     if config.weights is None:
         raise ValueError("weights must name a state_dict file for build_pretrained, got None")
     state = load_state_dict_file(config.weights)
-    net = build_model(replace(config, adapter="plain"), data_shape, seed=seed)
+    net = build_model(replace(config, adapter="plain", denoiser=DenoiserConfig()), data_shape,
+                      seed=seed)
     load_weights(net, state, source=config.weights)
-    return wrap_adapter(net, config.adapter).eval()
+    return wrap_adapter(net, config.adapter, config.denoiser).eval()

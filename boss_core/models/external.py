@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..denoisers import DenoiserAdapter, DenoiserConfig
 from ..velocity import DiffusersFlowAdapter, RectifiedFlowAdapter
 
-ADAPTERS = ("plain", "rectified_flow", "diffusers")
+ADAPTERS = ("plain", "rectified_flow", "diffusers", "denoiser")
 
 _IDENT = r"[A-Za-z_]\w*"
 # "pkg.mod:Name" or "pkg.mod:Outer.Inner" (colon form) or "pkg.mod.Name" (last dot splits)
@@ -165,12 +166,15 @@ def load_weights(
     return model
 
 
-def wrap_adapter(net: nn.Module, adapter: str) -> nn.Module:
+def wrap_adapter(net: nn.Module, adapter: str,
+                 denoiser: DenoiserConfig | None = None) -> nn.Module:
     """Wrap ``net`` so it follows boss's ``v(x, t)`` convention.
 
     "plain" returns ``net`` itself (it already is v(x, t) with t in [0, 1]);
     "rectified_flow" gives ``RectifiedFlowAdapter(net)``; "diffusers" gives
-    ``DiffusersFlowAdapter(net)`` (see ``boss_core.velocity`` for their conventions).
+    ``DiffusersFlowAdapter(net)`` (see ``boss_core.velocity`` for their conventions);
+    "denoiser" gives ``DenoiserAdapter(net, denoiser)``, a diffusion model's epsilon / x0 / v
+    prediction on the linear path (``boss_core.denoisers``; ``denoiser`` None: its defaults).
     """
     if adapter == "plain":
         return net
@@ -178,6 +182,8 @@ def wrap_adapter(net: nn.Module, adapter: str) -> nn.Module:
         return RectifiedFlowAdapter(net)
     if adapter == "diffusers":
         return DiffusersFlowAdapter(net)
+    if adapter == "denoiser":
+        return DenoiserAdapter(net, denoiser)
     raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {adapter!r}")
 
 
@@ -186,7 +192,7 @@ def inner_network(model: nn.Module) -> nn.Module:
 
     Its state_dict is the one ``ModelConfig.weights`` expects.
     """
-    if isinstance(model, (RectifiedFlowAdapter, DiffusersFlowAdapter)):
+    if isinstance(model, (RectifiedFlowAdapter, DiffusersFlowAdapter, DenoiserAdapter)):
         return model.net
     return model
 

@@ -51,7 +51,7 @@ STEPS = [
       "sweep.lora_rank", *MODEL], ["data"], ["outputs/prepare"]),
     ("teacher", "tasks.teacher",
      ["run.device", *MODEL, "model.time_embed_dim", "model.num_classes", "model.adapter",
-      "model.weights", "teacher.iterations", "teacher.batch_size", "teacher.lr",
+      "model.denoiser", "model.weights", "teacher.iterations", "teacher.batch_size", "teacher.lr",
       "teacher.warmup", "teacher.ema_decay", "teacher.grad_clip", "teacher.label_dropout",
       "teacher.seed"], ["outputs/prepare", "data"], ["outputs/teacher"]),
     ("features", "tasks.features",
