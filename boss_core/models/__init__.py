@@ -155,8 +155,10 @@ class ModelConfig(ConfigMixin):
         elif not isinstance(self.denoiser, DenoiserConfig):
             raise ValueError(f"denoiser must be a mapping of denoiser keys, got {self.denoiser!r}")
         if self.adapter != "denoiser" and self.denoiser != DenoiserConfig():
+            default = DenoiserConfig().to_dict()
+            changed = {k: v for k, v in self.denoiser.to_dict().items() if v != default[k]}
             raise ValueError(f"denoiser keys only apply with adapter 'denoiser', got adapter "
-                             f"{self.adapter!r} with denoiser {self.denoiser.to_dict()}")
+                             f"{self.adapter!r} with denoiser keys {changed}")
         if self.weights is not None:
             if isinstance(self.weights, os.PathLike):
                 object.__setattr__(self, "weights", os.fspath(self.weights))
