@@ -10,6 +10,7 @@ test of the session (``make test-fast`` asks for none of the slow ones):
   first test, in the background, when a collected test asks for them.
 - ``mixture_teacher``: the 2-D teacher on the 8-mode Gaussian mixture (EMA weights, frozen).
 - ``digits_feature_net``: the FID feature classifier trained on the embedded digits.
+- ``prefect_server_api``: one real Prefect server for the session's flows and deployments.
 
 ``mlflow_store`` (per test) is an empty SQLite MLflow store at ``tmp_path / "mlflow.db"``, a
 copy of one made once per session by ``new_mlflow_store``: creating a store runs MLflow's
@@ -26,7 +27,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,13 @@ from pipeline_helpers import (  # noqa: E402
     move_store_paths,
     run,
 )
+
+# Under pytest-xdist (``make test`` runs two workers) each worker is its own process: its own
+# Prefect home, so temporary Prefect servers of two workers never share one SQLite file.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under ``pytest -n``
+if WORKER is not None and "BOSS_TEST_PREFECT_HOME" not in os.environ:
+    os.environ["BOSS_TEST_PREFECT_HOME"] = os.environ["PREFECT_HOME"] = tempfile.mkdtemp(
+        prefix=f"prefect-{WORKER}-")
 
 # One torch thread, as the pipeline's stage processes run in the tests (pipeline_helpers.env).
 # Two threads on the 2 shared cores spin against each other and against the subprocesses:
@@ -101,23 +112,78 @@ def _repro_fingerprint(repo: Path) -> dict[str, str]:
     return _digest(files)
 
 
+def _shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder every xdist worker of this session shares (``pytest -n``), or the plain
+    session's own."""
+    if WORKER is None:
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+class SharedRun:
+    """``dvc repro`` in ``repo``, started by one process of the session (its output in
+    ``<repo>.log``, its exit code written to ``<repo>.rc`` when it ends) and waited for by
+    any: the xdist workers share one run instead of each making its own."""
+
+    def __init__(self, repo: Path):
+        self.repo, self.log, self.rc = repo, repo.with_suffix(".log"), repo.with_suffix(".rc")
+        self.job = None
+
+    def start(self) -> SharedRun:
+        temp = self.rc.with_suffix(".rc.tmp")
+        script = f'"{BIN / "dvc"}" repro; echo $? > "{temp}"; mv "{temp}" "{self.rc}"'
+        self.job = Background(["sh", "-c", script], self.repo, self.log)
+        return self
+
+    def wait(self, timeout: float) -> Path:
+        deadline = time.monotonic() + timeout
+        while not self.rc.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"dvc repro in {self.repo} still running after "
+                                     f"{timeout:.0f} s")
+            time.sleep(0.5)
+        code = int(self.rc.read_text().strip() or -1)
+        if code != 0:
+            raise AssertionError(f"dvc repro in {self.repo} failed ({code}):\n"
+                                 f"{self.log.read_text(errors='replace')[-6000:]}")
+        return self.repo
+
+    def finish(self) -> None:
+        """The starter's session end: let a run that another worker may still wait for end
+        (bounded), then kill what is left."""
+        if self.job is not None:
+            try:
+                self.job.proc.wait(timeout=1800 if WORKER is not None else 0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            self.job.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_runs(request, tmp_path_factory):
-    """{fixture name: (repo, Background)}: the tiny ``dvc repro`` runs this session's tests ask
-    for, started together before the first test. Each runs its stages one at a time in one
-    process, so on two cores they run beside each other and beside the tests that come first
-    (the modules that use them run last, see ``pytest_collection_modifyitems``)."""
+    """{fixture name: SharedRun}: the tiny ``dvc repro`` runs this session's tests ask for,
+    started together before the first test (by the first xdist worker to get here; the
+    others wait on the same runs). Each runs its stages one at a time in one process, so on
+    two cores they run beside each other and beside the tests that come first (the modules
+    that use them run last, see ``pytest_collection_modifyitems``)."""
+    from filelock import FileLock
+
     runs = {}
     wanted = [name for name in TINY_RUNS if any(
         name in getattr(item, "fixturenames", ()) for item in request.session.items)]
     if wanted:
-        root = tmp_path_factory.mktemp("tiny")
-        for name in wanted:
-            repo = copy_repo(root / name)
-            runs[name] = repo, Background([str(BIN / "dvc"), "repro"], repo, root / f"{name}.log")
+        root = _shared_dir(tmp_path_factory, "tiny")
+        with FileLock(root / ".lock"):
+            for name in wanted:
+                runs[name] = SharedRun(root / name)
+                if not (root / name).exists():
+                    copy_repo(root / name)
+                    runs[name].start()
     yield runs
-    for _, job in runs.values():
-        job.stop()
+    for shared in runs.values():
+        shared.finish()
 
 
 def _finished(runs, name: str, tmp_path_factory) -> Path:
@@ -125,9 +191,7 @@ def _finished(runs, name: str, tmp_path_factory) -> Path:
         repo = copy_repo(tmp_path_factory.mktemp(name) / "repo")
         run([str(BIN / "dvc"), "repro"], repo, timeout=1800)
         return repo
-    repo, job = runs[name]
-    job.wait(timeout=1800)
-    return repo
+    return runs[name].wait(timeout=1800)
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +209,21 @@ def second_tiny_repro(_tiny_runs, tmp_path_factory) -> Path:
     """Another ``dvc repro`` of the tiny profile, in another folder and process tree (run at
     the same time as ``tiny_repro``): test_determinism compares the two."""
     return _finished(_tiny_runs, "second_tiny_repro", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def prefect_server_api(tmp_path_factory):
+    """The API URL of one real Prefect server (``prefect server start`` on 127.0.0.1, its own
+    PREFECT_HOME), started the first time a test asks for it and stopped by its PID at the end
+    of the session: a start costs 12-25 s on two busy cores. Tests keep apart by their own
+    flow, deployment and run names; the URL is not put into Prefect's settings here (a test's
+    module does that for its in-process flows)."""
+    from tasks.runtime.servers import prefect_server
+
+    home = tmp_path_factory.mktemp("prefect")
+    with prefect_server(home=home, log_file=home / "server.log") as api:
+        yield api
+    assert api.proc.poll() is not None  # stopped by its PID
 
 
 @pytest.fixture(scope="session")
