@@ -231,3 +231,13 @@ def load_feature_net(path: str | Path, device: str = "cpu") -> FeatureNet:
         raise ValueError(f"feature net file {str(path)!r} is corrupt or mismatching: {err}"
                          ) from err
     return net.to(resolve_device(device)).eval()
+
+
+@torch.no_grad()
+def predict_from_features(net: FeatureNet, features: Tensor, batch_size: int = 4096) -> Tensor:
+    """(M, feature_dim) features f = h / s (``features``, as the FID extractor gives them)
+    -> (M,) int64 argmax classes of ``head(f s)``, on the CPU."""
+    device = next(net.parameters()).device
+    parts = [net.logits_from_features(features[i:i + batch_size].to(device, torch.float32))
+             .argmax(dim=1).cpu() for i in range(0, features.shape[0], batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)

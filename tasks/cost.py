@@ -6,8 +6,10 @@ Runs ``sweep.search_samples`` N-step uniform Euler teacher paths (N = sweep.n_st
 of ``sweep.batch_size``, accumulating c(i, j), the mean squared error of one Euler jump from
 grid point i to j. Memory is bounded by the batch. The paths are split into seed-range shards
 mapped on the ``scale`` runner (in-process, or Dask: see tasks/runtime/shards.py); the matrix is the
-merge of the shards' float64 sums. Writes outputs/cost/cost.safetensors (the
-float64 sum and the sample count, so shards merge exactly) and summary.json.
+merge of the shards' float64 sums. A class-conditional teacher runs path i at label
+y_i = i mod C, guided by ``sweep.guidance`` (``boss_core.guidance``; 2 calls a step). Writes
+outputs/cost/cost.safetensors (the float64 sum and the sample count, so shards merge exactly)
+and summary.json.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from boss_core.seeds import search_seed
 from boss_core.shards import cost_shard, merge_costs
 
-from .runtime.artifacts import load_prepared, load_teacher
+from .runtime.artifacts import conditioning_of, load_prepared, load_teacher
 from .runtime.io import save_tensors, write_json
 from .runtime.shards import map_shards, portable, shard_plan
 from .runtime.step import StepContext, main, prefect_task
@@ -33,11 +35,12 @@ def run(ctx: StepContext) -> dict:
     s, scale = ctx.params.sweep, ctx.params.scale
     shape = tuple(load_prepared(ctx.ws).data_shape)
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
+    cond = conditioning_of(ctx.params)
     shards = shard_plan(scale, s.search_samples, s.batch_size)
     start = time.perf_counter()
-    job = {"velocity": portable(teacher, scale), "data_shape": shape,
+    job = {"velocity": portable(cond.teacher(teacher), scale), "data_shape": shape,
            "seed": search_seed(s.seed), "n_steps": s.n_steps, "batch_size": s.batch_size,
-           "device": ctx.params.run.device}
+           "device": ctx.params.run.device, "num_classes": cond.num_classes}
     parts = map_shards(NAME, cost_shard, shards, scale, job, ctx.params.run.progress)
     cost = merge_costs(parts)
     wall = time.perf_counter() - start
@@ -47,8 +50,10 @@ def run(ctx: StepContext) -> dict:
         raise FloatingPointError("cost step: the cost matrix holds NaN or Inf (the teacher's "
                                  "trajectories diverged)")
     batches = sum(-(-n // s.batch_size) for _, n in shards)
-    summary = {"n_samples": cost.n_samples, "n_steps": s.n_steps, "nfe": batches * s.n_steps,
-               "evaluations": cost.n_samples * s.n_steps, "shards": len(shards),
+    calls = cond.calls_per_step  # a guided teacher step is 2 network calls
+    summary = {"n_samples": cost.n_samples, "n_steps": s.n_steps,
+               "nfe": batches * s.n_steps * calls,
+               "evaluations": cost.n_samples * s.n_steps * calls, "shards": len(shards),
                "wall_seconds": wall,
                "one_step_cost": float(values[0, s.n_steps])}
     out = ctx.ws.step(NAME)

@@ -7,9 +7,13 @@ with sliced Wasserstein distance and MMD; every row also gets the end-point RMSE
 N-step teacher from the same noises (so the teacher's own row is exactly 0). The samples
 are drawn in seed-range shards on the ``scale`` runner
 (tasks/runtime/shards.py) and scored together.
-Writes results/metrics.json {method: {"nfe_K": {fid, fid_std, kid, kid_std, endpoint_rmse,
-n_samples, n_seeds}}}, results/costs.json (training iterations, wall seconds, trainable
-parameters and search calls per row) and 64 samples per row for the report's grids.
+A class-conditional run draws sample i at label y_i = i mod C (class-balanced), the teacher
+rows with the guided teacher (``sweep.guidance``), and adds each row's ``class_accuracy``:
+the share of samples the FID classifier puts in the class they were drawn at.
+Writes results/metrics.json {method: {"nfe_K": {fid, fid_std, kid, kid_std, [class_accuracy,
+class_accuracy_std,] endpoint_rmse, n_samples, n_seeds}}}, results/costs.json (training
+iterations, wall seconds, trainable parameters, search calls and network calls per sample
+per row) and 64 samples per row for the report's grids.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import torch
 
 from boss_core.distances import mmd, swd
+from boss_core.features import load_feature_net, predict_from_features
 from boss_core.fidelity import build_extractor, fid_kid_features
 from boss_core.methods import get
 from boss_core.protocol import Cost as RowCost
@@ -35,6 +40,7 @@ from boss_core.seeds import sample_noise
 from boss_core.shards import merge_samples, sample_shard
 
 from .runtime.artifacts import (
+    conditioning_of,
     is_image_data,
     load_prepared,
     load_schedules,
@@ -51,9 +57,11 @@ GRID_SAMPLES = 64
 
 
 def scorer(ctx: StepContext, data):
-    """(score, headline key, featurize): images are scored on features that the sampling
-    shards extract themselves (``featurize``), so only (M, D) features travel back; 2-D sets
-    are scored on the samples (featurize None)."""
+    """(score, headline key, featurize, classify): images are scored on features that the
+    sampling shards extract themselves (``featurize``), so only (M, D) features travel back;
+    2-D sets are scored on the samples (featurize None). ``classify`` (features -> classes,
+    the FID classifier's head) gives a class-conditional run's ``class_accuracy``; None for
+    unconditional runs, 2-D sets and the inception extractor."""
     if not is_image_data(data.data_shape):
         reference = data.x
 
@@ -61,7 +69,7 @@ def scorer(ctx: StepContext, data):
             return {"swd": swd(samples.float().cpu(), reference, seed=0),
                     "mmd": mmd(samples.float().cpu(), reference)}
 
-        return score_points, "swd", None
+        return score_points, "swd", None, None
     f = ctx.params.fidelity
     if len(data) < f.kid_subset_size:
         raise ValueError(f"fidelity.kid_subset_size={f.kid_subset_size} exceeds the "
@@ -74,12 +82,20 @@ def scorer(ctx: StepContext, data):
         out = fid_kid_features(features, reference, f)
         return {"fid": out["fid"], "kid": out["kid"]}
 
-    return score_features, "fid", extractor.features
+    classify = None
+    if f.extractor == "classifier" and conditioning_of(ctx.params).conditional:
+        classifier = load_feature_net(net)
+
+        def classify(features):
+            return predict_from_features(classifier, features)
+
+    return score_features, "fid", extractor.features, classify
 
 
 def plan(ctx: StepContext, teacher):
     """{method: {K: (velocity, times)}} (``boss_core.protocol.sampling_plan``): students are
-    read from outputs/students/<method>/nfe_K; the reference row is keyed by its N calls."""
+    read from outputs/students/<method>/nfe_K; the reference row is keyed by its N steps;
+    the teacher rows sample the guided teacher of a class-conditional run."""
     device = next(teacher.parameters()).device
 
     def student(method: str, k: int):
@@ -87,7 +103,8 @@ def plan(ctx: StepContext, teacher):
                                 ctx.params.model.import_path)
         return model
 
-    return sampling_plan(ctx.params.sweep, teacher, load_schedules(ctx.ws), student)
+    return sampling_plan(ctx.params.sweep, teacher, load_schedules(ctx.ws), student,
+                         cond=conditioning_of(ctx.params))
 
 
 def costs(ctx: StepContext) -> dict:
@@ -97,16 +114,17 @@ def costs(ctx: StepContext) -> dict:
     searched = {name: RowCost(**c) for name, c in search.items()}
     student = {m: student_costs_of(m, s, read_json(ctx.ws.step("students") / m / "costs.json"))
                for m in s.methods if get(m).trained}
-    return cost_table(s, searched, student)
+    return cost_table(s, searched, student, conditioning_of(ctx.params))
 
 
 def sharded_samples(ctx: StepContext, rows, teacher, data_shape, featurize=None):
     """Every row's samples (or their features) for every seed and their end-point errors,
     drawn in seed-range shards on the ``scale`` runner (``boss_core.shards.Drawn``)."""
-    s, scale = ctx.params.sweep, ctx.params.scale
+    s, scale, cond = ctx.params.sweep, ctx.params.scale, conditioning_of(ctx.params)
     shards = shard_plan(scale, s.eval_samples, s.batch_size)
     job = {"rows": {key: (portable(v, scale), t) for key, (v, t) in sampled_rows(rows).items()},
-           "teacher": portable(teacher, scale), "data_shape": tuple(data_shape),
+           "teacher": portable(cond.teacher(teacher), scale), "data_shape": tuple(data_shape),
+           "num_classes": cond.num_classes,
            "seeds": evaluation_seeds(s), "n_steps": s.n_steps, "batch_size": s.batch_size,
            "device": ctx.params.run.device, "featurize": featurize,
            "progress": ctx.params.run.progress and len(shards) == 1}
@@ -118,18 +136,21 @@ def sharded_samples(ctx: StepContext, rows, teacher, data_shape, featurize=None)
 def run(ctx: StepContext) -> dict:
     s = ctx.params.sweep
     data = load_prepared(ctx.ws)
-    score, key, featurize = scorer(ctx, data)  # file and size checks before any sampling
+    score, key, featurize, classify = scorer(ctx, data)  # checks before any sampling
+    cond = conditioning_of(ctx.params)
     teacher = load_teacher(ctx.ws, ctx.params.run.device, ctx.params.model.import_path)
     device = next(teacher.parameters()).device
     rows = plan(ctx, teacher)
     drawn = sharded_samples(ctx, rows, teacher, data.data_shape, featurize)
-    metrics = score_rows(rows, drawn, score, s, progress=ctx.params.run.progress)
+    metrics = score_rows(rows, drawn, score, s, progress=ctx.params.run.progress, cond=cond,
+                         classify=classify)
     write_json(ctx.ws.results / "metrics.json", metrics)
     write_json(ctx.ws.results / "costs.json", costs(ctx))
     noise = sample_noise(tuple(data.data_shape), evaluation_seeds(s)[0], 0, GRID_SAMPLES,
                          device=device)
-    grids = {f"{m}.nfe_{k}": euler_sample(v, noise, t) for m, by_k in rows.items()
-             for k, (v, t) in by_k.items()}
+    extras = cond.extras(0, GRID_SAMPLES, device)  # {} or {"y": i mod C}
+    grids = {f"{m}.nfe_{k}": euler_sample(v, noise, t, extras=extras)
+             for m, by_k in rows.items() for k, (v, t) in by_k.items()}
     save_tensors(ctx.ws.step(NAME) / "samples.safetensors", grids)
     for method, by_k in metrics.items():
         for nfe_key, row in by_k.items():

@@ -18,7 +18,13 @@ import torch
 
 from boss_core.protocol import needs_teacher_search, search_schedules
 
-from .runtime.artifacts import load_cost, schedules_file, schedules_to_dict, search_inputs
+from .runtime.artifacts import (
+    conditioning_of,
+    load_cost,
+    schedules_file,
+    schedules_to_dict,
+    search_inputs,
+)
 from .runtime.io import write_json
 from .runtime.step import StepContext, main, prefect_task
 
@@ -39,6 +45,7 @@ def run(ctx: StepContext) -> dict:
     with torch.no_grad():
         table, spent = search_schedules(s, ctx.params.methods, cost=cost,
                                         cost_search=cost_search, teacher=teacher, noise=noise,
+                                        cond=conditioning_of(ctx.params),
                                         progress=ctx.params.run.progress)
     for name, by_k in table.items():
         for k, schedule in by_k.items():

@@ -254,3 +254,24 @@ def test_guidance_raises_class_accuracy_end_to_end(conditional_mixture_teacher):
     assert c["boss"]["nfe_2"]["search_nfe"] == 12 * 2  # the cost matrix: N guided steps
     # the global search: N teacher steps, then 1 + 11 sources at K = 1, 2; twice each
     assert c["bellman_global"]["nfe_2"]["search_nfe"] == (12 + 1 + 11) * 2
+
+
+def test_the_sample_cli_draws_a_conditional_student_at_balanced_labels_or_one_class():
+    from tasks.cli.sample import sample_model
+
+    student = _conditional_mlp(seed=1)
+    schedule = Schedule.from_indices([0, 5, 10], 10)
+    got = sample_model(student, schedule, (2,), 7, seed=4, batch_size=3)
+    z = sample_noise((2,), 4, 0, 7)
+    want = euler_sample(student, z, schedule.times, extras={"y": torch.arange(7) % C})
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    ones = sample_model(student, schedule, (2,), 7, seed=4, label=1)
+    want = euler_sample(student, z, schedule.times, extras={"y": torch.ones(7, dtype=torch.long)})
+    torch.testing.assert_close(ones, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="label"):
+        sample_model(student, schedule, (2,), 7, seed=4, label=C)
+    from boss_core.models import ModelConfig, build_model
+
+    plain = build_model(ModelConfig(arch="mlp", hidden=8, depth=1, time_embed_dim=8), (2,))
+    with pytest.raises(ValueError, match="unconditional"):
+        sample_model(plain, schedule, (2,), 3, seed=0, label=0)

@@ -11,7 +11,10 @@ folder). The second downloads a registered model version's artifacts from MLflow
 ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo root>/mlflow.db``; no version means the latest
 one) into a temporary folder and loads them the same way.
 
-Sample i starts from ``sample_noise(data_shape, seed, 0, n)[i]``, so one seed gives the same
+A class-conditional student samples image i at label i mod C (class-balanced, as the
+evaluation) or, with ``--label L``, every image at class L; it learned the guided teacher's
+chords, so each step is one network call. Sample i starts from
+``sample_noise(data_shape, seed, 0, n)[i]``, so one seed gives the same
 samples bit for bit on one device (and batch size). Writes ``<out>/<label>_nfe<K>_seed<seed>.npy``
 (float32, (n, *data_shape)) and ``.png`` (image grid or 2-D scatter) atomically and prints their
 paths. Models are read from safetensors only: a pickle (torch.save) file is refused, never
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from boss_core.device import resolve_device
+from boss_core.guidance import balanced_labels, num_classes_of
 from boss_core.methods import trained_names
 from boss_core.sampling import euler_sample
 from boss_core.schedule import Schedule
@@ -131,33 +135,54 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu", *
     return model, schedule, tuple(shape)
 
 
+def sample_labels(model: nn.Module, n: int, label: int | None = None) -> Tensor | None:
+    """The (n,) labels a class-conditional model samples at: class-balanced y_i = i mod C
+    (``boss_core.guidance.balanced_labels``, as the evaluation draws them), or every sample at
+    class ``label``; None for an unconditional model (a ``label`` then is a ValueError)."""
+    num_classes = num_classes_of(model)
+    if num_classes is None:
+        if label is not None:
+            raise ValueError(f"--label {label}: the model is unconditional (no num_classes)")
+        return None
+    if label is None:
+        return balanced_labels(num_classes, 0, n)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"--label must be in [0, {num_classes}), got {label}")
+    return torch.full((n,), label, dtype=torch.int64)
+
+
 @torch.no_grad()
 def sample_model(model: nn.Module, schedule: Schedule, data_shape: tuple[int, ...], n: int,
-                 seed: int, batch_size: int | None = None) -> Tensor:
+                 seed: int, batch_size: int | None = None, label: int | None = None) -> Tensor:
     """(n, *data_shape) float32 CPU samples: Euler on ``schedule.times`` from seeded noise.
 
-    Noise row i is ``sample_noise(data_shape, seed, 0, n)[i]`` whatever ``batch_size``.
+    Noise row i is ``sample_noise(data_shape, seed, 0, n)[i]`` whatever ``batch_size``; a
+    class-conditional student is called with sample i's label (``sample_labels``; one call
+    per step: it learned the guided teacher's chords).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    labels = sample_labels(model, n, label)
     device = next(iter(model.parameters()), torch.empty(0)).device
     step = n if batch_size is None else batch_size
     times = schedule.time_grid()
     parts = []
     for start in range(0, n, step):
-        noise = sample_noise(data_shape, seed, start, min(step, n - start), device=device)
-        parts.append(euler_sample(model, noise, times).float().cpu())
+        count = min(step, n - start)
+        noise = sample_noise(data_shape, seed, start, count, device=device)
+        extras = {} if labels is None else {"y": labels[start:start + count].to(device)}
+        parts.append(euler_sample(model, noise, times, extras=extras).float().cpu())
     return torch.cat(parts)
 
 
 def sample_from_folder(folder: str | os.PathLike, n: int, seed: int, device: str = "cpu",
-                       batch_size: int | None = None, *, allow_import: bool = False
-                       ) -> tuple[Tensor, Schedule]:
+                       batch_size: int | None = None, *, allow_import: bool = False,
+                       label: int | None = None) -> tuple[Tensor, Schedule]:
     """(samples (n, *shape) float32 on the CPU, schedule) of the student in ``folder``."""
     model, schedule, shape = load_folder(folder, device, allow_import=allow_import)
-    return sample_model(model, schedule, shape, n, seed, batch_size), schedule
+    return sample_model(model, schedule, shape, n, seed, batch_size, label), schedule
 
 
 # --------------------------------------------------------------------------------- registry
@@ -327,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:<i> or auto")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="samples per network call (default 256)")
+    parser.add_argument("--label", type=int, default=None,
+                        help="class-conditional models: sample every image at this class "
+                        "(default: class-balanced labels i mod C, as the evaluation)")
     parser.add_argument("--allow-import", action="store_true",
                         help="--registry: load a model whose config has arch 'import' (its "
                         "file names a callable that is imported and called; trusted sources "
@@ -359,7 +387,8 @@ def _run(args: argparse.Namespace) -> list[Path]:
         label = args.method
     if args.nfe is not None and schedule.nfe != args.nfe:
         raise SampleError(f"{folder / SCHEDULE_FILE} has K={schedule.nfe}, not {args.nfe}")
-    samples = sample_model(model, schedule, shape, args.n, args.seed, args.batch_size)
+    samples = sample_model(model, schedule, shape, args.n, args.seed, args.batch_size,
+                           args.label)
     npy, png = write_samples(samples, args.out, _safe_label(label), schedule.nfe, args.seed)
     return [npy] if png is None else [npy, png]
 

@@ -5,7 +5,8 @@ outputs/teacher/model.safetensors       the teacher (EMA) velocity model
 outputs/features/feature_net.safetensors  the FID classifier (image data only)
 outputs/cost/cost.safetensors           CostMatrix sum (float64) with n_samples, search cost
 outputs/schedules/schedules.json        {method: {"nfe_K": Schedule dict}} for every NFE
-outputs/pairs/pairs.safetensors         chord pairs per (group, K) and reflow pairs
+outputs/pairs/pairs.safetensors         chord pairs per (group, K) and reflow pairs (with
+                                        their labels y of a class-conditional teacher)
 outputs/students/<method>/nfe_K/        model.safetensors + schedule.json per straightened model
 results/metrics.json, results/costs.json, results/plots/*.csv, results/figures/*.png
 """
@@ -20,6 +21,7 @@ from torch import nn
 from boss_core.cost import CostMatrix
 from boss_core.data import TensorData
 from boss_core.device import resolve_device
+from boss_core.guidance import Conditioning
 from boss_core.models import ModelConfig, build_model
 from boss_core.pairs import ChordPairs, ReflowPairs
 from boss_core.schedule import Schedule
@@ -109,6 +111,12 @@ def load_cost(ws: Workspace):
     return CostMatrix(tensors["sum"].numpy(), int(meta["n_samples"])), meta
 
 
+def conditioning_of(params: Params) -> Conditioning:
+    """The run's labels and guidance: C = ``model.num_classes``, w = ``sweep.guidance``
+    (checked when params.yaml was read)."""
+    return Conditioning(params.model.num_classes, params.sweep.guidance)
+
+
 def search_inputs(ctx):
     """(teacher, noise): the teacher on the run's device and the ``sweep.search_samples``
     search noises (``boss_core.seeds.search_seed``), shared by the cost matrix and the global
@@ -132,11 +140,13 @@ def load_pairs(ws: Workspace, schedule: str, nfe: int = 0):
     if nfe == 0:
         if "reflow.z" not in tensors:
             raise ValueError(f"no reflow pairs in {pairs_file(ws)}: rerun the pairs step")
-        return ReflowPairs(*(tensors[f"reflow.{f}"] for f in ("z", "x1", "sample")))
+        return ReflowPairs(*(tensors[f"reflow.{f}"] for f in ("z", "x1", "sample")),
+                           tensors.get("reflow.y"))
     prefix = f"{schedule}.nfe_{nfe}"
     if f"{prefix}.x" not in tensors:
         raise ValueError(f"no pairs for {prefix} in {pairs_file(ws)}: rerun the pairs step")
-    return ChordPairs(*(tensors[f"{prefix}.{f}"] for f in ("x", "t", "target", "sample")))
+    return ChordPairs(*(tensors[f"{prefix}.{f}"] for f in ("x", "t", "target", "sample")),
+                      tensors.get(f"{prefix}.y"))
 
 
 def check_classifier_labels(params: Params, data: TensorData, where: str) -> None:
