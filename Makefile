@@ -1,7 +1,8 @@
 # The two commands: `make run` (the DVC pipeline on the embedded digits) and `make test`
 # (lint + pytest). Each creates the virtual environment when it is missing and installs
 # everything. Others: `make ui` (MLflow UI), `make prefect` (Prefect server + deployment),
-# `make run-paper` (the longer profile as a DVC experiment), `make sample`, `make demo`.
+# `make run-paper` (the longer profile as a DVC experiment), `make sample`, `make demo`,
+# `make run-curved` (a guided class-conditional teacher on a curved path, params.curved.yaml).
 # VENV may point outside the clone (CI keeps one per dependency hash, see .ci/run).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install run run-paper demo ui prefect sample test test-fast lint bench clean
+.PHONY: install run run-paper run-curved demo ui prefect sample test test-fast lint bench clean
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ run: install
 
 run-paper: install
 	dvc exp run $$($(PY) -m tasks.cli.profile params.paper.yaml --dvc-args) $(RUN_ARGS)
+
+run-curved: install
+	dvc exp run $$($(PY) -m tasks.cli.profile params.curved.yaml --dvc-args) $(RUN_ARGS)
 
 demo: install
 	$(PY) -m boss_core.demo $(RUN_ARGS)
