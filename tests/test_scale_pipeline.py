@@ -41,6 +41,10 @@ def _configure(repo: Path) -> None:
     # fewer trained rows than the tiny profile: this test is about placement, not methods
     params["sweep"]["methods"] = ["teacher", "uniform", "bellman", "boss", "distill_uniform"]
     params["sweep"]["nfes"] = [1, 2]
+    # and shorter training: the stages' placement is tested, not the models' quality
+    params["teacher"]["iterations"] = 150
+    params["features"]["iterations"] = 60
+    params["straighten"]["iterations"] = 30
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "scale"], repo)
 
