@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from boss_core.data import load_digits_images, make_gaussian_mixture
+from boss_core.data import make_gaussian_mixture
 from boss_core.distances import mmd, swd
-from boss_core.features import FeatureNetConfig, train_feature_net
 from boss_core.fidelity import FidelityConfig, build_extractor, fid_kid
 from boss_core.methods import default_names
 from boss_core.models import ModelConfig, build_model
@@ -29,10 +28,9 @@ def small_teacher(data, config, iterations):
 
 
 @pytest.fixture(scope="module")
-def mixture_sweep():
-    data = make_gaussian_mixture(2000, seed=0)
-    teacher = small_teacher(data, ModelConfig(arch="mlp", hidden=64, depth=2,
-                                              time_embed_dim=16), 600)
+def mixture_sweep(mixture_teacher):
+    """The default rows on the session's 2-D teacher (8-mode mixture, tests/conftest.py)."""
+    teacher = mixture_teacher
     reference = make_gaussian_mixture(400, seed=1).x
 
     def score(samples):
@@ -65,17 +63,17 @@ def test_mixture_sweep_rows_and_oracles(mixture_sweep):
         "search_nfe"]
     assert costs["uniform"]["nfe_2"] == {"iterations": 0, "wall_seconds": 0.0,
                                          "trainable_params": 0, "search_nfe": 0,
-                                         "search_evaluations": 0}
+                                         "search_evaluations": 0, "sample_nfe": 2}
     assert 0 < costs["boss_lora"]["nfe_2"]["trainable_params"] < costs["boss"]["nfe_2"][
         "trainable_params"]
     assert len(frame) == 1 + (len(METHODS) - 1) * 3
     json.dumps(metrics)  # plain JSON types
 
 
-def test_digits_sweep_fid(tmp_path):
-    digits = load_digits_images()
+def test_digits_sweep_fid(tmp_path, digits_feature_net):
+    digits, features = digits_feature_net  # the session's FID classifier
     teacher = small_teacher(digits, ModelConfig(arch="mlp", hidden=256, depth=3), 800)
-    net = train_feature_net(digits.x, digits.y, FeatureNetConfig(device="cpu")).net
+    net = features.net
     extractor = build_extractor(FidelityConfig(kid_subset_size=200, device="cpu"), net)
     reference = extractor.reference(digits.x)
 
