@@ -198,7 +198,9 @@ class DenoiserAdapter(nn.Module):
         out = self._unwrap(self.net(x_net, timestep.to(x.dtype), **extras), x)
         x0, eps = predictions_to_x0_eps(self.config.prediction, out, x_net, alpha, sigma)
         t64 = t.to(torch.float64)
-        outside = (t64 < self.noise.t_min) | (t64 > self.noise.t_max)  # (B,)
+        # the ends in t's dtype, so that an end handed over in float32 counts as inside
+        ends = torch.tensor([self.noise.t_min, self.noise.t_max], dtype=t.dtype, device=t.device)
+        outside = (t < ends[0]) | (t > ends[1])  # (B,)
         if bool(outside.any()):  # eps_hat = (x~ - t x0_hat) / (1 - t), the noise x~ holds at t
             held = _column(1.0 / (1.0 - t64), x) * x - _column(t64 / (1.0 - t64), x) * x0
             eps = torch.where(_column(outside, x).bool(), held, eps)
