@@ -13,6 +13,10 @@ to them, and so what samples each row::
                       sampled on the uniform grid
     distill_uniform   fine-tuned on the chords of the uniform K-grid on the fine grid
     bellman_gits      the Bellman DP with GITS's discount on the future cost (not default)
+    boss_rollout      the teacher fine-tuned on its own K-step rollouts along
+                      ``sweep.straighten_schedule`` (``boss_core.rollout``; not default)
+    boss_student      boss, then the Bellman DP re-run on the student's own jump errors and
+                      straightened again (``boss_core.student_schedule``; not default)
 
 Adding a method is one ``Method`` in ``REGISTRY`` below (plus its options under params.yaml's
 ``methods`` section and a test). The stages, the Prefect flow, the in-memory sweep
@@ -42,7 +46,9 @@ from .config import check_number
 from .cost import CostMatrix
 from .pairs import uniform_on_grid
 from .presets import PRESETS
+from .rollout import check_rollout_options
 from .schedule import Schedule
+from .student_schedule import check_student_options
 from .velocity import VelocityFn
 
 NEEDS = ("nothing", "cost", "teacher")
@@ -83,13 +89,20 @@ class Search:
             raise ValueError(f"Search.needs must be one of {NEEDS}, got {self.needs!r}")
 
 
+KINDS = ("chords", "reflow", "rollout", "rounds")
+
+
 @dataclass(frozen=True)
 class Training:
     """How a method fine-tunes the teacher (``boss_core.straighten``).
 
     kind: "chords", regress on the teacher's chords (x_{t_k}, t_k, (x_{t_{k+1}} - x_{t_k}) /
-    (t_{k+1} - t_k)) along the method's schedule, one student per K; or "reflow", regress on
-    (noise, N-step end point) interpolants, one student shared by every K.
+    (t_{k+1} - t_k)) along the method's schedule, one student per K; "reflow", regress on
+    (noise, N-step end point) interpolants, one student shared by every K; "rollout", the
+    student's own K Euler steps from the reflow pairs' noises on the method's schedule
+    (``boss_core.rollout``), one student per K; "rounds", "chords", then the schedule
+    re-searched on the student's own jump errors and "chords" again, one student and one
+    schedule of its own per K (``boss_core.student_schedule``).
     lora: train a rank-``sweep.lora_rank`` LoRA adapter (merged after training) instead of
     every weight.
     """
@@ -98,13 +111,28 @@ class Training:
     lora: bool = False
 
     def __post_init__(self):
-        if self.kind not in ("chords", "reflow"):
-            raise ValueError(f"Training.kind must be 'chords' or 'reflow', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Training.kind must be one of {KINDS}, got {self.kind!r}")
 
     @property
     def shared(self) -> bool:
         """One student for every K (reflow learns no schedule)."""
         return self.kind == "reflow"
+
+    @property
+    def learns_chords(self) -> bool:
+        """Its students start from the teacher's chords along its schedule (the pairs step)."""
+        return self.kind in ("chords", "rounds")
+
+    @property
+    def needs_ends(self) -> bool:
+        """Its students read the (noise, N-step end point) pairs (the pairs step's reflow)."""
+        return self.kind in ("reflow", "rollout")
+
+    @property
+    def own_schedule(self) -> bool:
+        """Its students sample on schedules of their own, found while training."""
+        return self.kind == "rounds"
 
 
 @dataclass(frozen=True)
@@ -190,6 +218,14 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("bellman_gits", "GITS: the Bellman DP with a discount on the future cost",
            search=Search("cost", _bellman), options={"discount": 1.15}, check=_check_discount,
            default=False),
+    Method("boss_rollout", "the teacher fine-tuned on its own K-step rollouts on the searched "
+           "schedule", schedule_of=STRAIGHTEN, training=Training("rollout"),
+           options={"target": "endpoint", "backprop": "step"}, check=check_rollout_options,
+           default=False),
+    Method("boss_student", "boss, then re-scheduled on the student's own jump errors and "
+           "straightened again", schedule_of=STRAIGHTEN, training=Training("rounds"),
+           options={"rounds": 1, "teacher_weight": 0.5, "cost_samples": 500},
+           check=check_student_options, default=False),
 )}
 
 

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -35,9 +36,11 @@ from .lora import add_lora, check_lora_rank, merge_lora
 from .methods import REGISTRY, Method, MethodOptions, SearchInputs, get
 from .metrics import aggregate, class_accuracy
 from .pairs import holdout_mask
+from .rollout import evaluations_per_sample, straighten_rollout
 from .schedule import Schedule
 from .seeds import eval_seeds, pairs_seed
 from .straighten import StraightenConfig, StraightenResult, straighten, trainable_copy
+from .student_schedule import student_rounds
 from .velocity import NFECounter, VelocityFn
 
 Table = dict[str, dict[int, Schedule]]  # {schedule name: {K: Schedule}}
@@ -49,7 +52,10 @@ Score = Callable[[Tensor], dict[str, float]]
 class Cost:
     """What a row cost: training iterations, wall seconds, trainable parameters, the network
     calls (batched) and per-sample evaluations spent on its schedule search, and
-    ``sample_nfe``, the network calls of one sample (K, or 2K for a guided teacher)."""
+    ``sample_nfe``, the network calls of one sample (K, or 2K for a guided teacher);
+    ``train_evaluations``, the per-sample network calls of its training (a forward 1, a
+    backward 2, teacher calls included), counted by the rollout and student-schedule rows
+    (None elsewhere: left out of the table)."""
 
     iterations: int = 0
     wall_seconds: float = 0.0
@@ -57,6 +63,7 @@ class Cost:
     search_nfe: int = 0
     search_evaluations: int = 0
     sample_nfe: int = 0
+    train_evaluations: int | None = None
 
 
 def conditioning(sweep, num_classes: int | None, label_dropout: float | None = None,
@@ -103,7 +110,8 @@ def search_schedules(sweep, options: MethodOptions, *, cost=None,
         cost_search: what computing ``cost`` took ({search_nfe, search_evaluations,
             wall_seconds}); every cost method is charged it.
         teacher, noise: for teacher searches (``needs_teacher_search``); their network calls
-            are counted here (a guided teacher's 2 per evaluation).
+            are counted here (a guided teacher's 2 per evaluation, a backward pass 2 more);
+            one that also reads the cost (``Search.reads_cost``) pays ``cost_search`` too.
         cond: the labels of the noises (y_i = i mod C) and the guidance of the teacher.
     Returns:
         ({name: {K: Schedule}}, {name: Cost} for the searches that spent network calls).
@@ -119,7 +127,9 @@ def search_schedules(sweep, options: MethodOptions, *, cost=None,
             counter = NFECounter(teacher)  # inside the guidance: counts both of its calls
             velocity = cond.teacher(counter)
             extras = cond.extras(0, noise.shape[0], noise.device)
-        if search.needs == "cost" and cost is None:
+        reads_cost = search.needs == "cost" or (search.reads_cost is not None
+                                                and search.reads_cost(options.of(name)))
+        if reads_cost and cost is None:
             raise ValueError(f"the {name} search needs the cost matrix")
         inputs = SearchInputs(tuple(sweep.nfes), sweep.n_steps, cost=cost, teacher=velocity,
                               noise=noise, extras=extras, batch_size=sweep.batch_size,
@@ -129,6 +139,9 @@ def search_schedules(sweep, options: MethodOptions, *, cost=None,
             spent[name] = Cost(wall_seconds=time.perf_counter() - start,
                                search_nfe=counter.nfe,
                                search_evaluations=counter.n_evaluations)
+            if reads_cost and cost_search is not None:  # it pays for the cost matrix too
+                for key in ("search_nfe", "search_evaluations", "wall_seconds"):
+                    setattr(spent[name], key, getattr(spent[name], key) + cost_search[key])
         elif search.needs == "cost" and cost_search is not None:
             spent[name] = Cost(**{k: cost_search[k] for k in
                                   ("search_nfe", "search_evaluations", "wall_seconds")})
@@ -140,7 +153,7 @@ def pair_targets(sweep, table: Table) -> dict[tuple[str, int], Schedule]:
     (students sharing a schedule share its chords)."""
     names = []
     for m in selected(sweep):
-        if m.trained and m.training.kind == "chords":
+        if m.trained and m.training.learns_chords:
             name = schedule_name(m, sweep)
             if name not in names:
                 names.append(name)
@@ -148,7 +161,8 @@ def pair_targets(sweep, table: Table) -> dict[tuple[str, int], Schedule]:
 
 
 def wants_reflow(sweep) -> bool:
-    return any(m.trained and m.training.kind == "reflow" for m in selected(sweep))
+    """Whether a selected student reads the (noise, end point) pairs (reflow, rollout)."""
+    return any(m.trained and m.training.needs_ends for m in selected(sweep))
 
 
 def split_pairs(pairs, sweep):
@@ -176,10 +190,14 @@ def student_tag(k: int) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Fitted:
-    """A trained student: ``model`` samples (LoRA merged); ``result`` the training record."""
+    """A trained student: ``model`` samples (LoRA merged); ``result`` the training record;
+    ``schedule`` the schedule it learnt when it found one of its own (``Training.own_schedule``;
+    None: the method's); ``info`` what its training measured (e.g. each round's schedule)."""
 
     model: nn.Module
     result: StraightenResult
+    schedule: Schedule | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,14 +214,23 @@ def fit_method(method: str | Method, teacher: nn.Module, pairs_of: Callable[[int
                sweep, train_config: StraightenConfig, *,
                checkpoint_of: Callable[[int], Any] | None = None,
                on_checkpoint: Callable[[int], None] | None = None, dist=None,
-               on_fitted: Callable[[int, Fitted], None] | None = None) -> Students:
+               on_fitted: Callable[[int, Fitted], None] | None = None,
+               schedules: Mapping[int, Schedule] | None = None,
+               options: Mapping[str, Any] | None = None,
+               cond: Conditioning = UNCONDITIONAL) -> Students:
     """Fine-tune ``method``'s students from ``teacher``.
 
     Args:
-        pairs_of: ``pairs_of(k)`` the method's pairs for K = k (k = 0: reflow pairs).
+        pairs_of: ``pairs_of(k)`` the method's pairs for K = k (k = 0: reflow pairs, which
+            the rollout kind reads for every K).
         checkpoint_of: ``checkpoint_of(k)`` the folder ``straighten`` checkpoints in (None: no
             checkpoints).
         on_fitted: called with (k, Fitted) after each student (the pipeline logs it there).
+        schedules: {K: Schedule} the method learns (``schedule_name``'s table); needed by the
+            "rollout" and "rounds" kinds.
+        options: the method's options (params.yaml ``methods.<name>``; None: its defaults).
+        cond: the teacher's labels and guidance (the "rollout" chord target and the "rounds"
+            kind call the teacher).
     Returns:
         ``Students``; under torchrun (``dist``) every rank returns the same models.
     """
@@ -211,32 +238,112 @@ def fit_method(method: str | Method, teacher: nn.Module, pairs_of: Callable[[int
     if not method.trained:
         raise ValueError(f"method {method.name} trains no student")
     check_student(method, teacher, sweep)
+    kind = method.training.kind
+    if kind in ("rollout", "rounds"):
+        if schedules is None:
+            raise ValueError(f"method {method.name} needs the schedules it learns")
+        options = dict(method.options if options is None else options)
+        if method.check is not None:
+            try:
+                method.check(options)
+            except ValueError as err:
+                raise ValueError(f"{method.name}.{err}") from err
     out = Students()
     for k in training_keys(method, sweep):
-        train, val = split_pairs(pairs_of(k), sweep)
-        student = (add_lora(teacher, sweep.lora_rank, seed=train_config.seed)
-                   if method.training.lora else trainable_copy(teacher))
-        result = straighten(student, train, train_config, val=val,
-                            checkpoint_dir=None if checkpoint_of is None else checkpoint_of(k),
-                            on_checkpoint=on_checkpoint, dist=dist)
-        model = merge_lora(result.ema_model) if method.training.lora else result.ema_model
-        fitted = Fitted(model, result)
+        checkpoint_dir = None if checkpoint_of is None else checkpoint_of(k)
+        if kind == "rollout":
+            fitted, extra = _fit_rollout(method, teacher, pairs_of(0), schedules[k], sweep,
+                                         train_config, options, cond, checkpoint_dir,
+                                         on_checkpoint, dist)
+        elif kind == "rounds":
+            fitted, extra = _fit_rounds(method, teacher, pairs_of(k), schedules[k], sweep,
+                                        train_config, options, cond, checkpoint_dir,
+                                        on_checkpoint, dist)
+        else:
+            train, val = split_pairs(pairs_of(k), sweep)
+            result = straighten(_new_student(method, teacher, sweep, train_config), train,
+                                train_config, val=val, checkpoint_dir=checkpoint_dir,
+                                on_checkpoint=on_checkpoint, dist=dist)
+            fitted, extra = Fitted(_merged(method, result), result), {}
         out.trained[k] = fitted
         out.costs[student_tag(k)] = {"iterations": train_config.iterations,
-                                     "wall_seconds": result.wall_time_s,
-                                     "trainable_params": result.trainable_params}
+                                     "wall_seconds": fitted.result.wall_time_s,
+                                     "trainable_params": fitted.result.trainable_params,
+                                     **extra}
         if on_fitted is not None:
             on_fitted(k, fitted)
     out.by_k = {k: out.trained[0 if method.training.shared else k] for k in sweep.nfes}
     return out
 
 
+def _new_student(method: Method, teacher: nn.Module, sweep, train_config) -> nn.Module:
+    return (add_lora(teacher, sweep.lora_rank, seed=train_config.seed)
+            if method.training.lora else trainable_copy(teacher))
+
+
+def _merged(method: Method, result: StraightenResult) -> nn.Module:
+    return merge_lora(result.ema_model) if method.training.lora else result.ema_model
+
+
+def _fit_rollout(method, teacher, ends, schedule, sweep, train_config, options, cond,
+                 checkpoint_dir, on_checkpoint, dist) -> tuple[Fitted, dict]:
+    """A rollout student (``boss_core.rollout``) on the (noise, end point) pairs ``ends``;
+    its cost counts 3K student calls and the chord target's teacher calls per sample."""
+    train, val = split_pairs(ends, sweep)
+    result = straighten_rollout(
+        _new_student(method, teacher, sweep, train_config), train, schedule, train_config,
+        target=options["target"], backprop=options["backprop"], teacher=cond.teacher(teacher),
+        val=val, checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint, dist=dist)
+    per_sample = evaluations_per_sample(schedule, options["target"], cond.calls_per_step)
+    return Fitted(_merged(method, result), result), {
+        "train_evaluations": train_config.iterations * train_config.batch_size * per_sample}
+
+
+def _fit_rounds(method, teacher, chords, schedule, sweep, train_config, options, cond,
+                checkpoint_dir, on_checkpoint, dist) -> tuple[Fitted, dict]:
+    """Straighten, re-schedule on the student's own jump errors, straighten again
+    (``boss_core.student_schedule``); every teacher and student call is counted (training 3
+    per sample and step)."""
+    counter = NFECounter(teacher)
+    guided = cond.teacher(counter)  # the counter inside the guidance counts both calls
+    students: list[NFECounter] = []
+
+    def fit(pairs, r: int) -> Fitted:
+        train, val = split_pairs(pairs, sweep)
+        result = straighten(_new_student(method, teacher, sweep, train_config), train,
+                            train_config, val=val,
+                            checkpoint_dir=None if checkpoint_dir is None
+                            else Path(checkpoint_dir) / f"round_{r}",
+                            on_checkpoint=on_checkpoint, dist=dist)
+        return Fitted(_merged(method, result), result)
+
+    def student_of(fitted: Fitted) -> NFECounter:
+        students.append(NFECounter(fitted.model))
+        return students[-1]
+
+    start = time.perf_counter()
+    found = student_rounds(fit, student_of, guided, chords, schedule,
+                           rounds=options["rounds"], teacher_weight=options["teacher_weight"],
+                           cost_samples=options["cost_samples"], batch_size=sweep.batch_size)
+    last = found.fitted
+    info = {"rounds": [{"indices": list(r.schedule.indices), **r.bias} for r in found.rounds]}
+    trained_steps = found.trainings * train_config.iterations
+    return Fitted(last.model, last.result, found.schedule, info), {
+        "iterations": trained_steps, "wall_seconds": time.perf_counter() - start,
+        "train_evaluations": (3 * trained_steps * train_config.batch_size
+                              + counter.n_evaluations
+                              + sum(c.n_evaluations for c in students))}
+
+
 def sampling_plan(sweep, teacher: VelocityFn, table: Table,
                   student: Callable[[str, int], VelocityFn] | None = None,
-                  cond: Conditioning = UNCONDITIONAL):
+                  cond: Conditioning = UNCONDITIONAL,
+                  own_schedule: Callable[[str, int], Schedule] | None = None):
     """{method: {K: (velocity, times)}}: what each row samples with; the reference row is
     keyed by its N steps. ``student(method, K)`` gives a trained method's model (called with
-    the labels, once per step); the teacher rows sample ``cond.teacher(teacher)`` (guided)."""
+    the labels, once per step); the teacher rows sample ``cond.teacher(teacher)`` (guided).
+    ``own_schedule(method, K)``: the schedule a student found itself (``Training.own_schedule``
+    methods), which it samples on."""
     teacher = cond.teacher(teacher)
     plan: dict[str, dict[int, tuple]] = {}
     for m in selected(sweep):
@@ -244,6 +351,11 @@ def sampling_plan(sweep, teacher: VelocityFn, table: Table,
             plan[m.name] = {sweep.n_steps: (teacher, uniform_grid(sweep.n_steps))}
             continue
         times = table[schedule_name(m, sweep)]
+        if m.trained and m.training.own_schedule:
+            if own_schedule is None:
+                raise ValueError(f"method {m.name} samples on its students' own schedules: "
+                                 "give own_schedule")
+            times = {k: own_schedule(m.name, k) for k in sweep.nfes}
         plan[m.name] = {k: (student(m.name, k) if m.trained else teacher, times[k].times)
                         for k in sweep.nfes}
     return plan
@@ -325,7 +437,8 @@ def cost_table(sweep, search_costs: Mapping[str, Cost],
                 cost.search_evaluations = found.search_evaluations
                 if m.name == schedule:
                     cost.wall_seconds = found.wall_seconds
-            out.setdefault(m.name, {})[f"nfe_{k}"] = vars(cost)
+            out.setdefault(m.name, {})[f"nfe_{k}"] = {
+                key: value for key, value in vars(cost).items() if value is not None}
     return out
 
 

@@ -161,12 +161,14 @@ def run_sweep(teacher: nn.Module, data_shape, score: Score, config: SweepConfig,
                     else f"{checkpoint_root}/{name}/{protocol.student_tag(k)}")
 
         fitted = protocol.fit_method(m, teacher, pairs_of, config, train_config,
-                                     checkpoint_of=checkpoint_of)
+                                     checkpoint_of=checkpoint_of, schedules=table[target],
+                                     options=options.of(m.name), cond=cond)
         students[m.name] = fitted.by_k
         student_costs[m.name] = protocol.student_costs_of(m.name, config, fitted.costs)
 
     plan = protocol.sampling_plan(config, teacher, table,  # the evaluate step
-                                  lambda method, k: students[method][k].model, cond=cond)
+                                  lambda method, k: students[method][k].model, cond=cond,
+                                  own_schedule=lambda method, k: students[method][k].schedule)
     drawn = sample_shard(protocol.sampled_rows(plan), guided, shape,
                          protocol.evaluation_seeds(config), n, 0, config.eval_samples, batch,
                          device=device, featurize=featurize, progress=progress,

@@ -52,7 +52,8 @@ def test_every_entry_names_its_schedule_and_trained_entries_learn_a_searched_one
         if m.schedule_of == STRAIGHTEN:
             assert m.schedule_name("bellman_gits") == "bellman_gits"
     assert "bellman_gits" not in default_names()
-    assert set(trained_names()) == {"boss", "boss_lora", "reflow_uniform", "distill_uniform"}
+    assert set(trained_names()) == {"boss", "boss_lora", "reflow_uniform", "distill_uniform",
+                                    "boss_rollout", "boss_student"}
     with pytest.raises(ValueError, match="exactly one"):
         Method("bad", "neither", training=None)
 
@@ -88,7 +89,10 @@ def test_gits_row_is_the_discounted_dp_and_shows_in_the_sweep():
 def test_gits_discount_is_a_params_key_checked_before_compute(tmp_path):
     params = load_params(overrides={"methods.bellman_gits.discount": 1.3})
     assert params.methods.of("bellman_gits")["discount"] == 1.3
-    assert params.flat(["methods"]) == {"methods.bellman_gits.discount": 1.3}
+    flat = params.flat(["methods"])  # every method's options, each as methods.<name>.<key>
+    assert flat["methods.bellman_gits.discount"] == 1.3
+    assert set(flat) == {f"methods.{name}.{key}" for name, m in REGISTRY.items()
+                         for key in m.options}
     assert load_params().methods.of("bellman_gits")["discount"] == 1.15
     with pytest.raises(ParamsError, match=r"methods\.bellman_gits\.discount"):
         load_params(overrides={"methods.bellman_gits.discount": 0})
