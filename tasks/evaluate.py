@@ -36,6 +36,7 @@ from boss_core.protocol import (
     student_costs_of,
 )
 from boss_core.sampling import euler_sample
+from boss_core.schedule import Schedule
 from boss_core.seeds import sample_noise
 from boss_core.shards import merge_samples, sample_shard
 
@@ -103,8 +104,11 @@ def plan(ctx: StepContext, teacher):
                                 ctx.params.model.import_path)
         return model
 
+    def own_schedule(method: str, k: int) -> Schedule:  # what straighten wrote beside it
+        return Schedule.from_dict(read_json(student_dir(ctx.ws, method, k) / "schedule.json"))
+
     return sampling_plan(ctx.params.sweep, teacher, load_schedules(ctx.ws), student,
-                         cond=conditioning_of(ctx.params))
+                         cond=conditioning_of(ctx.params), own_schedule=own_schedule)
 
 
 def costs(ctx: StepContext) -> dict:

@@ -37,7 +37,14 @@ from boss_core.distributed import Dist
 from boss_core.methods import trained_names
 from boss_core.protocol import check_student, fit_method, schedule_name, student_tag
 
-from .runtime.artifacts import load_pairs, load_schedules, load_teacher, student_dir, teacher_file
+from .runtime.artifacts import (
+    conditioning_of,
+    load_pairs,
+    load_schedules,
+    load_teacher,
+    student_dir,
+    teacher_file,
+)
 from .runtime.faults import fault_point
 from .runtime.io import atomic_path, load_tensors, save_model, write_json
 from .runtime.step import StepContext, main, prefect_task
@@ -88,7 +95,8 @@ def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
     students = fit_method(method, teacher, lambda k: load_pairs(ctx.ws, target, k), p.sweep,
                           p.straighten, checkpoint_of=checkpoint_of, dist=dist,
                           on_checkpoint=lambda step: fault_point("straighten.checkpoint"),
-                          on_fitted=logged)
+                          on_fitted=logged, schedules=schedules, options=p.methods.of(method),
+                          cond=conditioning_of(p))
     if not dist.is_main:
         return {"method": method, "rank": dist.rank}
     for k in p.sweep.nfes:
@@ -96,7 +104,8 @@ def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
         folder = student_dir(ctx.ws, method, k)
         save_model(folder / "model.safetensors", fitted.model, meta["model_config"],
                    meta["data_shape"], {"method": method, "nfe": k})
-        write_json(folder / "schedule.json", schedules[k].to_dict())
+        own = fitted.schedule  # a schedule the student found itself (boss_student), else None
+        write_json(folder / "schedule.json", (schedules[k] if own is None else own).to_dict())
         with atomic_path(folder / "losses.csv") as tmp:
             np.savetxt(tmp, fitted.result.losses, delimiter=",", header="step,loss",
                        comments="")
