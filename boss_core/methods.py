@@ -13,6 +13,9 @@ to them, and so what samples each row::
                       sampled on the uniform grid
     distill_uniform   fine-tuned on the chords of the uniform K-grid on the fine grid
     bellman_gits      the Bellman DP with GITS's discount on the future cost (not default)
+    learned_times     K - 1 times trained by gradient through the K-step Euler solver to the
+                      teacher's end points (``boss_core.learned_times``), the teacher samples
+                      (not default)
     boss_rollout      the teacher fine-tuned on its own K-step rollouts along
                       ``sweep.straighten_schedule`` (``boss_core.rollout``; not default)
     boss_student      boss, then the Bellman DP re-run on the student's own jump errors and
@@ -29,7 +32,12 @@ A schedule search reads one of (``Search.needs``):
 - ``"nothing"``: the K (and N) alone, e.g. a preset grid;
 - ``"cost"``: the cost matrix c(i, j) = E||x_j - x_i - (t_j - t_i) v(x_i, t_i)||^2 of the
   teacher's N-step paths (one teacher pass, shared by every cost method);
-- ``"teacher"``: the teacher and the search noises (its own passes, counted in network calls).
+- ``"teacher"``: the teacher and the search noises (its own passes, counted in network calls;
+  a backward pass counts 2). Such a search may also read the cost matrix (``Search.reads_cost``:
+  a learned schedule started from Bellman's); it then pays the cost's calls too.
+
+A search whose times may lie off the fine grid (``Search.on_grid`` False) is no target for
+the chord students (``sweep.straighten_schedule``): their pairs are taken on the fine grid.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from torch import Tensor
 from .bellman import bellman_schedules, global_schedules
 from .config import check_number
 from .cost import CostMatrix
+from .learned_times import LearnTimesConfig, learned_schedules
 from .pairs import uniform_on_grid
 from .presets import PRESETS
 from .rollout import check_rollout_options
@@ -79,10 +88,16 @@ class SearchInputs:
 @dataclass(frozen=True)
 class Search:
     """How a method finds its schedules: ``build(inputs, options) -> {K: Schedule}`` for every
-    K in ``inputs.nfes``, reading what ``needs`` names."""
+    K in ``inputs.nfes``, reading what ``needs`` names.
+
+    reads_cost: ``reads_cost(options)`` True when a "teacher" search also reads the cost
+    matrix (None: never). on_grid: its times are fine-grid points (``Schedule.indices``).
+    """
 
     needs: str
     build: Callable[[SearchInputs, Mapping[str, Any]], dict[int, Schedule]]
+    reads_cost: Callable[[Mapping[str, Any]], bool] | None = None
+    on_grid: bool = True
 
     def __post_init__(self):
         if self.needs not in NEEDS:
@@ -195,6 +210,20 @@ def _check_discount(opts: Mapping[str, Any]) -> None:
     check_number("discount", opts["discount"], lambda v: v > 0, "> 0")
 
 
+def _learned(inp: SearchInputs, opts: Mapping[str, Any]) -> dict[int, Schedule]:
+    """Learned times (``boss_core.learned_times``) from ``opts["init"]``'s schedules."""
+    config = LearnTimesConfig(**opts)
+    starts = None
+    if config.init == "bellman":
+        starts = bellman_schedules(inp.cost, max(inp.nfes))
+    elif config.init == "bellman_global":
+        starts = _global(inp, opts)
+    found = learned_schedules(inp.teacher, inp.noise, inp.n_steps, inp.nfes, config,
+                              starts=starts, extras=inp.extras, batch_size=inp.batch_size,
+                              progress=inp.progress)
+    return {k: found.by_k[k].schedule for k in inp.nfes}
+
+
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("teacher", "the pretrained model, N-step uniform Euler (the reference row)",
            reference=True),
@@ -217,6 +246,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            training=Training("chords")),
     Method("bellman_gits", "GITS: the Bellman DP with a discount on the future cost",
            search=Search("cost", _bellman), options={"discount": 1.15}, check=_check_discount,
+           default=False),
+    Method("learned_times", "K - 1 times learned through the Euler solver to the teacher's "
+           "end points", search=Search("teacher", _learned, on_grid=False,
+                                       reads_cost=lambda opts: opts["init"] == "bellman"),
+           options=LearnTimesConfig().to_dict(), check=lambda opts: LearnTimesConfig(**opts),
            default=False),
     Method("boss_rollout", "the teacher fine-tuned on its own K-step rollouts on the searched "
            "schedule", schedule_of=STRAIGHTEN, training=Training("rollout"),
@@ -259,7 +293,7 @@ def grid_search_names() -> tuple[str, ...]:
     """The searches on the teacher's fine grid (cost matrix or teacher paths): the schedules a
     student can learn (``sweep.straighten_schedule``) and whose step sizes are plotted."""
     return tuple(name for name, m in REGISTRY.items()
-                 if m.search is not None and m.search.needs != "nothing")
+                 if m.search is not None and m.search.needs != "nothing" and m.search.on_grid)
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,12 @@ class NFECounter:
     """Wraps a velocity model and counts its calls.
 
     ``nfe`` counts network calls (one per batched call); ``n_evaluations`` counts
-    per-sample evaluations (the sum of batch sizes).
+    per-sample evaluations (the sum of batch sizes). A backward pass through a call's output
+    (a search that trains through the solver, ``boss_core.learned_times``) counts as
+    ``BACKWARD_CALLS`` = 2 more of each, when the gradient reaches that output.
     """
+
+    BACKWARD_CALLS = 2
 
     def __init__(self, velocity: VelocityFn):
         self.velocity = velocity
@@ -74,7 +78,16 @@ class NFECounter:
     def __call__(self, x: Tensor, t: Tensor, **extras: Any) -> Tensor:
         self.nfe += 1
         self.n_evaluations += int(x.shape[0])
-        return self.velocity(x, t, **extras)
+        out = self.velocity(x, t, **extras)
+        if isinstance(out, Tensor) and out.requires_grad:
+            out.register_hook(self._backward_counter(int(x.shape[0])))
+        return out
+
+    def _backward_counter(self, batch: int):
+        def count(grad: Tensor) -> None:
+            self.nfe += self.BACKWARD_CALLS
+            self.n_evaluations += self.BACKWARD_CALLS * batch
+        return count
 
     def reset(self) -> None:
         self.nfe = 0
