@@ -367,3 +367,42 @@ def test_a_diffusers_unet_through_the_model_config(tmp_path):
     fresh = build_model(ModelConfig.from_dict({**config.to_dict(), "weights": None}), (1, 8, 8),
                         seed=1)
     assert not torch.allclose(euler_sample(fresh, z, grid), euler_sample(expected, z, grid))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_diffusers_unet_runs_through_the_stages(tmp_path):
+    """The teacher stage loads the UNet with the denoiser adapter; cost and schedules search it."""
+    import json
+    import sys
+
+    import yaml
+    from pipeline_helpers import copy_repo, run
+    from safetensors.torch import save_file
+
+    from tasks.runtime.artifacts import load_teacher
+    from tasks.runtime.workspace import Workspace
+
+    repo = copy_repo(tmp_path / "repo")
+    unet = tiny_unet(5)
+    save_file(unet.state_dict(), str(repo / "data" / "unet.safetensors"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(arch="import", import_path="diffusers:UNet2DModel",
+                           init_kwargs=UNET_KWARGS, adapter="denoiser",
+                           denoiser={**params["model"]["denoiser"], "prediction": "v_prediction"},
+                           weights="data/unet.safetensors")
+    params["sweep"].update(methods=["teacher", "uniform", "bellman"], nfes=[2])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for step in ("prepare", "teacher", "cost", "schedules"):
+        run([sys.executable, "-m", f"tasks.{step}"], repo)
+
+    teacher = load_teacher(Workspace.at(repo), "cpu", "diffusers:UNet2DModel")
+    expected = DenoiserAdapter(unet, DenoiserConfig(prediction="v_prediction"))
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    grid = [0.0, 0.4, 1.0]
+    torch.testing.assert_close(euler_sample(teacher, z, grid), euler_sample(expected, z, grid),
+                               rtol=0, atol=0)
+    bellman = json.loads((repo / "outputs/schedules/schedules.json").read_text())[
+        "schedules"]["bellman"]["nfe_2"]
+    assert bellman["times"][0] == 0.0 and bellman["times"][-1] == 1.0 and len(bellman["times"]) == 3
+    assert bellman["cost"] is not None and bellman["cost"] > 0  # searched on the denoiser's paths
