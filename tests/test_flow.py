@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 from pipeline_helpers import copy_repo, mlflow_server
+from test_pipeline_dvc import STEPS
 
 from flows.graph import Step, check_graph, run_graph
 from flows.local_server import (
@@ -56,6 +57,11 @@ SMALL = {"sweep.methods": ["uniform", "boss", "distill_uniform"], "sweep.nfes": 
          "teacher.log_every": 25, "features.iterations": 30, "straighten.iterations": 10,
          "straighten.warmup": 2, "straighten.eval_every": 5, "straighten.checkpoint_every": 0,
          "run.register_models": False}
+# A class-conditional teacher on the cosine path, sampled with guidance: the curved flows of
+# issue 12 through every step (the concurrency test runs it, and the in-memory sweep on its
+# teacher must give its numbers bit for bit).
+GUIDED = {"model.num_classes": 10, "teacher.label_dropout": 0.1, "teacher.path": "cosine",
+          "sweep.guidance": 2.0}
 
 
 @pytest.fixture
@@ -357,15 +363,53 @@ def _check_artifacts(found: dict[str, dict], run_dir: Path) -> None:
         run_dir / "results" / "figures" / "fid_vs_nfe.png").read_bytes()
 
 
+CALLS = ("iterations", "trainable_params", "search_nfe", "search_evaluations", "sample_nfe")
+
+
+def _in_memory_sweep(run_dir: Path) -> tuple[dict, dict]:
+    """(metrics, {method: {nfe_K: the CALLS of costs.json}}) of ``run_sweep`` on the run's
+    teacher, feature net and params, at one torch and one BLAS thread (as its steps ran)."""
+    from threadpoolctl import threadpool_limits
+
+    from boss_core.features import load_feature_net, predict_from_features
+    from boss_core.fidelity import build_extractor, fid_kid_features
+    from boss_core.sweep import run_sweep
+    from tasks.runtime.artifacts import load_prepared, load_teacher
+    from tasks.runtime.params import load_params
+    from tasks.runtime.workspace import Workspace
+
+    params = load_params(run_dir / "params.yaml")
+    ws = Workspace.at(run_dir)
+    data, teacher = load_prepared(ws), load_teacher(ws, "cpu")
+    net_file = ws.step("features") / "feature_net.safetensors"
+    extractor, net = build_extractor(params.fidelity, net_file), load_feature_net(net_file)
+    reference = extractor.reference(data.x)
+
+    def score(features):
+        out = fid_kid_features(features, reference, params.fidelity)
+        return {"fid": out["fid"], "kid": out["kid"]}
+
+    with threadpool_limits(1):
+        metrics, costs, _ = run_sweep(
+            teacher, data.data_shape, score, params.sweep, params.straighten,
+            options=params.methods, device="cpu", progress=False, featurize=extractor.features,
+            label_dropout=params.teacher.label_dropout,
+            classify=lambda x: predict_from_features(net, x))
+    return metrics, {m: {k: {n: r[n] for n in CALLS} for k, r in rows.items()}
+                     for m, rows in costs.items()}
+
+
 @pytest.mark.slow
 def test_concurrent_steps_equal_the_sequential_run_and_publish_artifacts(
         tmp_path, monkeypatch, prefect_api):
     """Two steps at a time (teacher beside features, the students beside each other) give
     results/metrics.json and the students' weights bit for bit as one at a time, at one torch
-    thread per step; each run publishes its results table and figure as Prefect artifacts."""
+    thread per step; each run publishes its results table and figure as Prefect artifacts.
+    The run is GUIDED (a class-conditional cosine-path teacher, w = 2), and the in-memory sweep
+    (``boss_core.sweep.run_sweep``) on its teacher gives the steps' metrics bit for bit."""
     import torch
 
-    copy = _small_copy(tmp_path)
+    copy = _small_copy(tmp_path, **GUIDED)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("BOSS_PARENT_RUN_ID", raising=False)
     threads = torch.get_num_threads()
@@ -381,6 +425,7 @@ def test_concurrent_steps_equal_the_sequential_run_and_publish_artifacts(
             assert state.is_completed(), state
             runs[concurrency] = str(state.state_details.flow_run_id)
             assert torch.get_num_threads() == 1  # restored after the run
+        in_memory = _in_memory_sweep(tmp_path / "c1")
     finally:
         torch.set_num_threads(threads)
     print("flow seconds by concurrency:", {c: round(t, 1) for c, t in took.items()})
@@ -388,6 +433,15 @@ def test_concurrent_steps_equal_the_sequential_run_and_publish_artifacts(
     one, two = tmp_path / "c1", tmp_path / "c2"
     assert (one / "results/metrics.json").read_bytes() == (
         two / "results/metrics.json").read_bytes()
+    metrics = json.loads((one / "results/metrics.json").read_text())
+    costs = json.loads((one / "results/costs.json").read_text())
+    assert in_memory == (metrics, {m: {k: {n: r[n] for n in CALLS} for k, r in rows.items()}
+                                   for m, rows in costs.items()})
+    for k in (1, 2):  # a guided teacher step is 2 network calls, a student step 1
+        assert costs["uniform"][f"nfe_{k}"]["sample_nfe"] == 2 * k
+        assert costs["boss"][f"nfe_{k}"]["sample_nfe"] == k
+    assert all(0 <= row["class_accuracy"] <= 1 for rows in metrics.values()
+               for row in rows.values())
     students = _students(one)
     assert len(students) == 4  # boss and distill_uniform at K = 1, 2
     assert students == _students(two)
@@ -401,7 +455,7 @@ def test_concurrent_steps_equal_the_sequential_run_and_publish_artifacts(
     for concurrency, flow_run_id in runs.items():
         task_runs = _task_runs(prefect_api, flow_run_id)
         assert {r["state"]["type"] for r in task_runs.values()} == {"COMPLETED"}
-        assert len(task_runs) == 12
+        assert sorted(task_runs) == sorted(STEPS)
         spans[concurrency] = {name: (r["start_time"], r["end_time"])
                               for name, r in task_runs.items()}
         evaluate_after = {i["id"] for i in task_runs["evaluate"]["task_inputs"]["wait_for"]}
@@ -550,10 +604,7 @@ def test_served_deployment_runs_tiny_pipeline_in_its_own_folder(tmp_path, prefec
     steps = client.search_runs([experiment.experiment_id],
                                f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in steps}
-    assert set(by_name) == {"prepare", "teacher", "features", "cost", "schedules", "pairs",
-                            "straighten_boss", "straighten_boss_lora",
-                            "straighten_reflow_uniform", "straighten_distill_uniform",
-                            "evaluate", "report"}
+    assert sorted(by_name) == sorted(STEPS)
     assert {r.info.status for r in steps} == {"FINISHED"}
     assert by_name["straighten_boss"].data.params["straighten.iterations"] == "30"
     # the bad run failed before MLflow: no parent run for it
@@ -626,7 +677,7 @@ def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path, prefect
             steps = client.search_runs(
                 [experiment.experiment_id],
                 f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-            assert len(steps) == 12
+            assert sorted(s.info.run_name for s in steps) == sorted(STEPS)
             boss = [s for s in steps if s.info.run_name == "straighten_boss"][0]
             assert boss.data.params["straighten.iterations"] == str(n)
         assert len(folders) == 4

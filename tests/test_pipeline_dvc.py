@@ -14,10 +14,12 @@ import sys
 import pytest
 from pipeline_helpers import clone_repo, run
 
+from boss_core.methods import trained_names
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-STEPS = ["prepare", "teacher", "features", "cost", "schedules", "pairs", "straighten_boss",
-         "straighten_boss_lora", "straighten_reflow_uniform", "straighten_distill_uniform",
-         "evaluate", "report"]
+# every step's MLflow run: one straighten step per trained method of the registry
+STEPS = ["prepare", "teacher", "features", "cost", "schedules", "pairs",
+         *(f"straighten_{m}" for m in trained_names()), "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
