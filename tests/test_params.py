@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from boss_core.methods import REGISTRY, MethodOptions
 from tasks.cli.profile import main as profile_main
+from tasks.cli.profile import read_profile
 from tasks.runtime.params import SECTIONS, ParamsError, apply_overrides, load_params, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,3 +115,22 @@ def test_profiles_merge_and_validate(tmp_path, capsys):
     bad.write_text("straighten.iterations: 0\n")
     assert profile_main([str(bad), "--params", str(PARAMS), "--write", str(out)]) == 2
     assert load_params(out).straighten.iterations == 60  # the earlier file is intact
+
+
+def test_curved_profile_is_the_choice_its_header_names(tmp_path):
+    """params.curved.yaml merges and validates; its path and guidance are the ones its header
+    says bench/curved_choice.py chose (a non-linear path, w in [1, 4]) on a class-conditional
+    teacher with label drop-out, and every key it does not name is the default's."""
+    profile = ROOT / "params.curved.yaml"
+    out = tmp_path / "params.yaml"
+    assert profile_main([str(profile), "--params", str(PARAMS), "--write", str(out)]) == 0
+    curved, default = load_params(out), load_params(PARAMS)
+    chosen = re.search(r"^# chosen: teacher\.path=(\w+) sweep\.guidance=(\S+)$",
+                       profile.read_text(), re.MULTILINE)
+    assert chosen is not None, "the header names the chosen teacher.path and sweep.guidance"
+    assert curved.teacher.path == chosen[1] != "linear"
+    assert curved.sweep.guidance == float(chosen[2]) and 1 <= curved.sweep.guidance <= 4
+    assert curved.model.num_classes is not None and curved.teacher.label_dropout > 0
+    assert curved.run.experiment != default.run.experiment
+    base, mine = default.flat(), curved.flat()
+    assert {key for key in mine if mine[key] != base[key]} == set(read_profile(profile))
