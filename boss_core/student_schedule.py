@@ -84,8 +84,13 @@ def student_cost(student: VelocityFn, teacher: VelocityFn, noise, n_steps: int,
 
 
 def mixed_cost(student: CostMatrix, teacher: CostMatrix, teacher_weight: float) -> np.ndarray:
-    """(N + 1, N + 1) w c_T + (1 - w) c_S of the mean costs (+inf on and below the diagonal)."""
-    return teacher_weight * teacher.values + (1.0 - teacher_weight) * student.values
+    """(N + 1, N + 1) w c_T + (1 - w) c_S of the mean costs (+inf on and below the diagonal;
+    mixed above it only, so w = 0 or 1 never meets 0 x inf)."""
+    mixed = np.full(teacher.values.shape, np.inf)
+    upper = np.triu_indices(mixed.shape[0], 1)
+    mixed[upper] = (teacher_weight * teacher.values[upper]
+                    + (1.0 - teacher_weight) * student.values[upper])
+    return mixed
 
 
 def schedule_bias(student: CostMatrix, teacher: CostMatrix, schedule: Schedule,
