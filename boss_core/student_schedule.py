@@ -11,11 +11,13 @@ student call at t_i prices every jump i -> j, N student calls (and N teacher cal
 path) per path. A student equal to the teacher gives the teacher's cost c_T exactly.
 
 Bias. The student was trained only at its schedule's times, so c_S is low on the jumps it
-learnt and says little about the others: measured on the 2-D mixture the student's cost on
-its own jumps is several times lower, relative to the teacher's, than on other jumps of the
-same lengths (``schedule_bias``: the geometric mean of c_S / c_T over S's jumps, "on", and
-over the jumps i -> j of the same lengths j - i that are not S's, "off"; on / off < 1 is the
-pull toward the current schedule). A DP on c_S alone would mostly re-pick S. We mix:
+learnt and says little about the others. ``schedule_bias`` measures it: the geometric mean
+of c_S / c_T over S's jumps ("on") and over the jumps i -> j of the same lengths j - i that
+are not S's ("off"); on / off < 1 is the pull toward the current schedule. On the 2-D
+8-mode mixture (the tests' teacher, N = 50, 200 steps of batch 128 on S_0 = Bellman's) it is
+strong: on = 0.0010 / off = 0.16 at K = 2, on = 0.0024 / off = 0.17 at K = 4, so the student
+is about 100x better, relative to the teacher, on the jumps it learnt than on their
+neighbours. A DP on c_S alone would mostly re-pick S. We mix:
 
     c(i, j) = w c_T(i, j) + (1 - w) c_S(i, j),     w = ``teacher_weight`` in [0, 1],
 

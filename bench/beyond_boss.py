@@ -1,0 +1,112 @@
+"""Beyond BOSS: rollout straightening and student-aware schedules against boss and
+distill_uniform, at equal optimiser steps and batch size.
+
+    .venv/bin/python bench/beyond_boss.py [--iterations 200] [--seeds 0 1 2]
+
+On the 2-D 8-mode mixture, with a teacher on the linear path and one on the cosine path
+(curved), for each straighten seed: boss, distill_uniform, boss_rollout with each (target,
+backprop) and boss_student (1 round, teacher_weight 0.5), at K = 2 and 4, through
+``run_sweep``. Prints the end-point RMSE and SWD (mean over the straighten seeds), their ratio
+to boss, and each row's network calls per sample of training (a forward 1, a backward 2,
+teacher calls included; boss: 3 x iterations x batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import hardware  # noqa: E402
+
+from boss_core.data import make_gaussian_mixture  # noqa: E402
+from boss_core.distances import swd  # noqa: E402
+from boss_core.methods import MethodOptions  # noqa: E402
+from boss_core.models import ModelConfig, build_model  # noqa: E402
+from boss_core.straighten import StraightenConfig  # noqa: E402
+from boss_core.sweep import SweepConfig, run_sweep  # noqa: E402
+from boss_core.teacher import TeacherConfig, train_teacher  # noqa: E402
+
+ROLLOUTS = [("endpoint", "step"), ("endpoint", "full"), ("chord", "step"), ("chord", "full")]
+
+
+def teacher_on(path: str, data):
+    model = build_model(ModelConfig(arch="mlp", hidden=64, depth=2, time_embed_dim=16), (2,),
+                        seed=0)
+    return train_teacher(model, data.x, TeacherConfig(
+        iterations=1000, batch_size=256, lr=3e-3, device="cpu", progress=False,
+        path=path)).ema_model.eval().requires_grad_(False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--paths", nargs="+", default=["linear", "cosine"])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(hardware())
+    data = make_gaussian_mixture(4000, seed=0)
+    ref = data.x[:2000]
+    sweep = SweepConfig(methods=("teacher", "boss", "distill_uniform", "boss_rollout",
+                                 "boss_student"), nfes=(2, 4), n_steps=50,
+                        search_samples=500, pair_samples=1000, eval_samples=1000, n_seeds=2,
+                        batch_size=500)
+    only_rollout = SweepConfig(**{**sweep.to_dict(), "methods": ("teacher", "boss_rollout")})
+
+    def score(samples):
+        return {"swd": swd(samples.float(), ref, seed=0)}
+
+    for path in args.paths:
+        start = time.perf_counter()
+        teacher = teacher_on(path, data)
+        print(f"\n== {path} path teacher ({time.perf_counter() - start:.0f} s to train); "
+              f"straighten: {args.iterations} steps of batch 128, seeds {args.seeds}")
+        rows: dict[str, dict] = {}
+        for seed in args.seeds:
+            train = StraightenConfig(iterations=args.iterations, batch_size=128, lr=1e-3,
+                                     warmup=50, ema_decay=0.99, eval_every=100, seed=seed,
+                                     device="cpu", progress=False)
+            for i, (target, backprop) in enumerate(ROLLOUTS):
+                options = MethodOptions({"boss_rollout": {"target": target,
+                                                          "backprop": backprop}})
+                t0 = time.perf_counter()
+                metrics, costs, _ = run_sweep(teacher, (2,), score,
+                                              sweep if i == 0 else only_rollout, train,
+                                              options=options, progress=False)
+                wall = time.perf_counter() - t0
+                for method in metrics:
+                    if method == "teacher" or (i and method != "boss_rollout"):
+                        continue
+                    name = (f"boss_rollout[{target},{backprop}]" if method == "boss_rollout"
+                            else method)
+                    for k in sweep.nfes:
+                        row = rows.setdefault(name, {}).setdefault(k, {"rmse": [], "swd": [],
+                                                                      "calls": []})
+                        m, c = metrics[method][f"nfe_{k}"], costs[method][f"nfe_{k}"]
+                        row["rmse"].append(m["endpoint_rmse"])
+                        row["swd"].append(m["swd"])
+                        row["calls"].append(c.get("train_evaluations",
+                                                  3 * c["iterations"] * train.batch_size))
+                print(f"  seed {seed} rollout[{target},{backprop}] sweep: {wall:.0f} s",
+                      flush=True)
+        print(f"{'row':32s} {'K':>2s} {'RMSE':>14s} {'/boss':>6s} {'SWD':>14s} {'/boss':>6s} "
+              f"{'train calls/1e6':>15s}")
+        for name, by_k in rows.items():
+            for k, row in by_k.items():
+                boss = rows["boss"][k]
+                r, s = np.array(row["rmse"]), np.array(row["swd"])
+                print(f"{name:32s} {k:2d} {r.mean():7.4f}±{r.std():.4f} "
+                      f"{r.mean() / np.mean(boss['rmse']):6.3f} {s.mean():7.4f}±{s.std():.4f} "
+                      f"{s.mean() / np.mean(boss['swd']):6.3f} {np.mean(row['calls']) / 1e6:15.2f}")
+
+
+if __name__ == "__main__":
+    main()
