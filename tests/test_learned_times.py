@@ -164,7 +164,7 @@ def test_the_row_flows_through_the_sweep_with_its_calls_counted(mixture_teacher)
                          n_steps=16, search_samples=96, eval_samples=64, n_seeds=2,
                          batch_size=64)
     options = MethodOptions({"learned_times": {"iterations": 30, "samples": 80,
-                                               "batch_size": 32}})
+                                               "batch_size": 32, "init": "bellman"}})
     exact = torch.randn(256, 2, generator=torch.Generator().manual_seed(6))
 
     def score(samples):
@@ -225,3 +225,19 @@ def test_options_are_params_keys_with_their_defaults():
     params = load_params(overrides={"methods.learned_times.iterations": 7})
     assert params.methods.of("learned_times")["iterations"] == 7
     assert dict(load_params().methods.of("learned_times")) == LearnTimesConfig().to_dict()
+
+
+def test_the_default_start_is_the_greedy_search_and_ends_no_worse_than_it():
+    config = SweepConfig(methods=("teacher", "bellman_global", "learned_times"), nfes=(2, 3),
+                         n_steps=20, search_samples=64, batch_size=64)
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    options = MethodOptions({"learned_times": {"iterations": 40, "batch_size": 32}})
+    assert options.of("learned_times")["init"] == "bellman_global"
+    cost = cost_shard(CURVED, (2,), 0, 0, 64, 20, 64)
+    table, spent = protocol.search_schedules(config, options, cost=cost, teacher=CURVED,
+                                             noise=z)
+    for k in (2, 3):
+        assert table["learned_times"][k].cost <= table["bellman_global"][k].cost * (1 + 1e-9)
+    # its own greedy search (as many calls as the row's), 20 end-point steps, 40 x 3K + 2K
+    own = 20 + sum(40 * 3 * k + 2 * k for k in (2, 3))
+    assert spent["learned_times"].search_nfe == spent["bellman_global"].search_nfe + own
