@@ -66,10 +66,11 @@ class LearnTimesConfig(ConfigMixin):
 
     Why the greedy start: on the 2-D mixture teacher the loss is rugged in t (the network's
     Fourier time features reach frequency 1000): along t_1 at K = 2 it has a local minimum
-    every 0.02-0.03, so gradient steps refine the basin they start in rather than find the
+    every 0.015-0.035, so gradient steps refine the basin they start in rather than find the
     best one. Started from the uniform grid or Bellman's, the learned times end behind the
-    greedy search's; started from it, they end at or below it (BENCHMARKS.md, "Learned
-    times"). A larger ``lr`` hops basins but can diverge (the start is then kept).
+    greedy search's; started from it, they end at or below it on their training noises and
+    within 1 % of it on fresh ones (BENCHMARKS.md, "Learned times"). A larger ``lr`` hops
+    basins but can diverge (the start is then kept).
     """
 
     iterations: int = 200
