@@ -40,7 +40,7 @@ def _configure(repo: Path) -> None:
     params["sweep"]["search_samples"] = 128  # ... 2 cost shards, 2 pair shards, 4 eval shards
     # fewer trained rows than the tiny profile: this test is about placement, not methods
     params["sweep"]["methods"] = ["teacher", "uniform", "bellman", "boss", "distill_uniform"]
-    params["sweep"]["nfes"] = [1, 2]
+    params["sweep"]["nfes"] = [2]
     # and shorter training: the stages' placement is tested, not the models' quality
     params["teacher"]["iterations"] = 150
     params["features"]["iterations"] = 60
@@ -72,7 +72,7 @@ def stand_ins(tmp_path_factory):
 def test_pipeline_on_stand_ins_completes(stand_ins):
     repo, _, _, _ = stand_ins
     metrics = json.loads((repo / "results" / "metrics.json").read_text())
-    assert metrics["boss"]["nfe_1"]["fid"] < metrics["uniform"]["nfe_1"]["fid"]
+    assert metrics["boss"]["nfe_2"]["fid"] < metrics["uniform"]["nfe_2"]["fid"]
     cost = json.loads((repo / "outputs" / "cost" / "summary.json").read_text())
     assert cost["shards"] == 2 and cost["n_samples"] == 128
 
@@ -112,7 +112,7 @@ def test_two_node_torchrun_matches_the_two_process_stage(stand_ins):
     repo, _, _, extra = stand_ins
     method = "distill_uniform"
     before = {k: load_file(repo / f"outputs/students/{method}/nfe_{k}/model.safetensors")
-              for k in (1, 2)}
+              for k in (2,)}
     endpoint = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "tasks.runtime.launch", "straighten", "--method", method,
            "--set", "scale.nnodes=2", "--set", "scale.nproc_per_node=1",
