@@ -6,8 +6,8 @@ test of the session (``make test-fast`` asks for none of the slow ones):
 - ``tiny_repro``: a copy of the repository on the tiny profile after one ``dvc repro``. Read
   only: a test that changes a repository works on ``clone_repo(tiny_repro, ...)`` or builds its
   own with ``copy_repo``. The session checks at its end that the outputs are unchanged.
-- ``second_tiny_repro``: another such run, for test_determinism. Both runs start before the
-  first test, in the background, when a collected test asks for them.
+  The run starts before the first test, in the background, when a collected test asks for it
+  (test_determinism reruns its random steps in a copy).
 - ``mixture_teacher``: the 2-D teacher on the 8-mode Gaussian mixture (EMA weights, frozen).
 - ``digits_feature_net``: the FID feature classifier trained on the embedded digits.
 - ``prefect_server_api``: one real Prefect server for the session's flows and deployments.
@@ -77,7 +77,7 @@ MARKS_ELSEWHERE = {
 
 
 # session fixtures that are ``dvc repro`` runs of the tiny profile, started before the first test
-TINY_RUNS = ("tiny_repro", "second_tiny_repro")
+TINY_RUNS = ("tiny_repro",)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
@@ -202,13 +202,6 @@ def tiny_repro(_tiny_runs, tmp_path_factory) -> Path:
     yield repo
     assert _repro_fingerprint(repo) == before, (
         "a test changed the shared tiny repro: copy it first (pipeline_helpers.clone_repo)")
-
-
-@pytest.fixture(scope="session")
-def second_tiny_repro(_tiny_runs, tmp_path_factory) -> Path:
-    """Another ``dvc repro`` of the tiny profile, in another folder and process tree (run at
-    the same time as ``tiny_repro``): test_determinism compares the two."""
-    return _finished(_tiny_runs, "second_tiny_repro", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
