@@ -72,7 +72,7 @@ def test_mixture_sweep_rows_and_oracles(mixture_sweep):
 
 def test_digits_sweep_fid(tmp_path, digits_feature_net):
     digits, features = digits_feature_net  # the session's FID classifier
-    teacher = small_teacher(digits, ModelConfig(arch="mlp", hidden=256, depth=3), 800)
+    teacher = small_teacher(digits, ModelConfig(arch="mlp", hidden=256, depth=3), 500)
     net = features.net
     extractor = build_extractor(FidelityConfig(kid_subset_size=200, device="cpu"), net)
     reference = extractor.reference(digits.x)
@@ -85,7 +85,7 @@ def test_digits_sweep_fid(tmp_path, digits_feature_net):
                          search_samples=200, pair_samples=600, eval_samples=400, n_seeds=2,
                          batch_size=200)
     metrics, _, frame = run_sweep(teacher, digits.data_shape, score, config,
-                                  StraightenConfig(**{**TRAIN.to_dict(), "iterations": 300}),
+                                  StraightenConfig(**{**TRAIN.to_dict(), "iterations": 200}),
                                   checkpoint_root=tmp_path, progress=False,
                                   min_eval_samples=200)
     fid = {k: metrics["uniform"][f"nfe_{k}"]["fid"] for k in (1, 2, 4)}
