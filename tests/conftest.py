@@ -78,6 +78,9 @@ MARKS_ELSEWHERE = {
 
 # session fixtures that are ``dvc repro`` runs of the tiny profile, started before the first test
 TINY_RUNS = ("tiny_repro",)
+# the modules that take longest on their own (``--durations``), started first
+LONGEST = ("test_scale_pipeline.py", "test_flow.py", "test_faults.py", "test_dask.py",
+           "test_ddp.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
@@ -88,10 +91,12 @@ def pytest_collection_modifyitems(config, items):
             if item.get_closest_marker(name) is None:
                 item.add_marker(name)
     # the modules that wait for the tiny runs go last (whole modules, in their order), so the
-    # runs started before the first test go on beside all the others
+    # runs started before the first test go on beside all the others; of the rest, the longest
+    # go first (longest-first keeps the two xdist workers busy to the end)
     waiting = {item.path for item in items
                if any(name in getattr(item, "fixturenames", ()) for name in TINY_RUNS)}
-    items.sort(key=lambda item: item.path in waiting)
+    items.sort(key=lambda item: (item.path in waiting, LONGEST.index(item.path.name)
+                                 if item.path.name in LONGEST else len(LONGEST)))
 
 
 @pytest.fixture(autouse=True)

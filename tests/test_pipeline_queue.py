@@ -1,0 +1,66 @@
+"""Two queued DVC experiments at once against one MLflow tracking server, on a copy of the
+session's tiny run (its own file, so that pytest-xdist runs it beside test_pipeline_dvc's
+experiment)."""
+
+from __future__ import annotations
+
+import pytest
+from pipeline_helpers import clone_repo, run
+from test_pipeline_dvc import _dvc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture
+def repo(tiny_repro, tmp_path_factory):
+    """A copy of the shared run to queue experiments on."""
+    return clone_repo(tiny_repro, tmp_path_factory.mktemp("queued") / "repo")
+
+
+def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
+    """`dvc exp run --queue` twice, `dvc queue start -j 2`: both run at once against one
+    MLflow tracking server (not a shared SQLite file), and neither's runs mix with the other's.
+    The experiments set fidelity.kid_subsets (and sweep.eval_samples), so each reruns evaluate
+    and report only."""
+    import time
+
+    import mlflow
+    from pipeline_helpers import mlflow_server
+
+    key = "fidelity.kid_subsets"  # read by evaluate only: 2 stages rerun, not 6
+    run(["git", "add", "-A"], repo)  # queued experiments start from a commit
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "queue base"],
+        repo, check=False)
+    with mlflow_server(tmp_path) as uri:
+        try:
+            for n in (11, 12):
+                run([str(_dvc()), "exp", "run", "--queue", "-S", f"{key}={n}",
+                     "-S", "sweep.eval_samples=100", "-n", f"q{n}"],  # half the scoring work
+                    repo, MLFLOW_TRACKING_URI=uri)
+            run([str(_dvc()), "queue", "start", "-j", "2"], repo, MLFLOW_TRACKING_URI=uri)
+            deadline = time.time() + 900
+            while True:
+                status = run([str(_dvc()), "queue", "status"], repo).stdout
+                if "Queued" not in status and "Running" not in status:
+                    break
+                assert time.time() < deadline, status
+                time.sleep(3)
+            assert status.count("Success") >= 2, status
+            client = mlflow.MlflowClient(uri)
+            experiment = client.get_experiment_by_name("boss-tiny")
+            parents = client.search_runs([experiment.experiment_id],
+                                         filter_string="tags.`boss.kind` = 'pipeline'")
+            by_n = {p.data.params[key]: p for p in parents}
+            assert sorted(by_n) == ["11", "12"]
+            for n, parent in by_n.items():
+                assert parent.info.status == "FINISHED"
+                children = client.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                names = {c.info.run_name for c in children}
+                assert {"evaluate", "report"} <= names, names
+                for child in children:  # every step logged under its own experiment's parent
+                    assert child.data.params.get(key, n) == n
+                    assert child.info.status == "FINISHED"
+        finally:
+            run([str(_dvc()), "queue", "stop", "--kill"], repo, check=False)
