@@ -155,3 +155,27 @@ def mlflow_server(folder: Path, serve_artifacts: bool = False):
     finally:
         stop_process(server, timeout=3)  # its store is thrown away: no need for a slow drain
     assert server.poll() is not None
+
+
+def run_steps_in_process(repo: Path, steps, monkeypatch, *sets: str) -> None:
+    """``python -m tasks.<step>`` for each of ``steps`` ("prepare", ..., or "straighten
+    --method boss"), in this process (no interpreter start per step), on ``repo``'s
+    params.yaml with ``--set`` ``sets``, logging to ``repo``'s own MLflow store, without
+    Prefect. Fails naming the first step that does not exit 0."""
+    import importlib
+
+    from tasks.runtime.step import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    monkeypatch.setenv("BOSS_PREFECT", "0")
+    monkeypatch.delenv("BOSS_PARENT_RUN_ID", raising=False)
+    for step in steps:
+        name, *args = step.split()
+        argv = ["--params", str(repo / "params.yaml"), *args,
+                *(a for kv in ("run.progress=false", *sets) for a in ("--set", kv))]
+        module = importlib.import_module(f"tasks.{name}")
+        if hasattr(module, "main_cli"):
+            code = module.main_cli(argv)
+        else:
+            code = main(module.NAME, module.run, module.SECTIONS, module.__doc__, argv=argv)
+        assert code == 0, f"step {step} exited {code}"

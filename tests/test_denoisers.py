@@ -375,15 +375,13 @@ def test_a_diffusers_unet_runs_through_the_stages(tmp_path, monkeypatch):
     """The teacher stage loads the UNet with the denoiser adapter; cost and schedules search it.
     The stages run in this process (``tasks.runtime.step.main``, as ``python -m tasks.<step>``
     does), logging to the copy's own MLflow store."""
-    import importlib
     import json
 
     import yaml
-    from pipeline_helpers import copy_repo
+    from pipeline_helpers import copy_repo, run_steps_in_process
     from safetensors.torch import save_file
 
     from tasks.runtime.artifacts import load_teacher
-    from tasks.runtime.step import main
     from tasks.runtime.workspace import Workspace
 
     repo = copy_repo(tmp_path / "repo")
@@ -396,14 +394,7 @@ def test_a_diffusers_unet_runs_through_the_stages(tmp_path, monkeypatch):
                            weights="data/unet.safetensors")
     params["sweep"].update(methods=["teacher", "uniform", "bellman"], nfes=[2])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
-    monkeypatch.setenv("BOSS_PREFECT", "0")
-    monkeypatch.delenv("BOSS_PARENT_RUN_ID", raising=False)
-    for step in ("prepare", "teacher", "cost", "schedules"):
-        module = importlib.import_module(f"tasks.{step}")
-        code = main(module.NAME, module.run, module.SECTIONS, module.__doc__,
-                    argv=["--params", str(repo / "params.yaml"), "--set", "run.progress=false"])
-        assert code == 0, step
+    run_steps_in_process(repo, ("prepare", "teacher", "cost", "schedules"), monkeypatch)
 
     teacher = load_teacher(Workspace.at(repo), "cpu", "diffusers:UNet2DModel")
     expected = DenoiserAdapter(unet, DenoiserConfig(prediction="v_prediction"))

@@ -5,12 +5,11 @@ stage loads it without training and the later stages search and straighten it.""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 import yaml
-from pipeline_helpers import ROOT, copy_repo, run
+from pipeline_helpers import copy_repo, run_steps_in_process
 
 from boss_core.models import ModelConfig, build_model
 from tasks.runtime.artifacts import load_teacher, model_builder
@@ -19,7 +18,8 @@ from tasks.runtime.workspace import Workspace
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_pretrained_diffusers_style_model_runs_through_the_stages(tmp_path):
+def test_pretrained_diffusers_style_model_runs_through_the_stages(tmp_path, monkeypatch):
+    """The stages run in this process (as ``python -m tasks.<step>`` does)."""
     repo = copy_repo(tmp_path / "repo")
     config = ModelConfig(arch="import", import_path="byo_models:TinyDiffusersNet",
                          init_kwargs={"dim": 64, "hidden": 32}, adapter="diffusers")
@@ -34,10 +34,8 @@ def test_pretrained_diffusers_style_model_runs_through_the_stages(tmp_path):
                            weights="data/my_model.safetensors")
     params["sweep"].update(methods=["teacher", "uniform", "bellman", "boss"], nfes=[2])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    extra = {"PYTHONPATH": str(ROOT / "tests")}
-    for step in ("prepare", "teacher", "cost", "schedules", "pairs"):
-        run([sys.executable, "-m", f"tasks.{step}"], repo, **extra)
-    run([sys.executable, "-m", "tasks.straighten", "--method", "boss"], repo, **extra)
+    run_steps_in_process(repo, ("prepare", "teacher", "cost", "schedules", "pairs",
+                                "straighten --method boss"), monkeypatch)
 
     summary = json.loads((repo / "outputs/teacher/summary.json").read_text())
     assert summary["pretrained"].endswith("data/my_model.safetensors")  # nothing trained
