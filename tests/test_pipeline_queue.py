@@ -20,8 +20,7 @@ def repo(tiny_repro, tmp_path_factory):
 def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
     """`dvc exp run --queue` twice, `dvc queue start -j 2`: both run at once against one
     MLflow tracking server (not a shared SQLite file), and neither's runs mix with the other's.
-    The experiments set fidelity.kid_subsets (and sweep.eval_samples), so each reruns evaluate
-    and report only."""
+    The experiments set fidelity.kid_subsets, so each reruns evaluate and report only."""
     import time
 
     import mlflow
@@ -34,8 +33,7 @@ def test_two_queued_experiments_log_apart_to_a_tracking_server(repo, tmp_path):
     with mlflow_server(tmp_path) as uri:
         try:
             for n in (11, 12):
-                run([str(_dvc()), "exp", "run", "--queue", "-S", f"{key}={n}",
-                     "-S", "sweep.eval_samples=100", "-n", f"q{n}"],  # half the scoring work
+                run([str(_dvc()), "exp", "run", "--queue", "-S", f"{key}={n}", "-n", f"q{n}"],
                     repo, MLFLOW_TRACKING_URI=uri)
             run([str(_dvc()), "queue", "start", "-j", "2"], repo, MLFLOW_TRACKING_URI=uri)
             deadline = time.time() + 900
