@@ -2,6 +2,7 @@
 distill_uniform, at equal optimiser steps and batch size.
 
     .venv/bin/python bench/beyond_boss.py [--iterations 200] [--seeds 0 1 2]
+        [--equal-calls "chord,step" "endpoint,full"]
 
 On the 2-D 8-mode mixture, with a teacher on the linear path and one on the cosine path
 (curved), for each straighten seed: boss, distill_uniform, boss_rollout with each (target,
@@ -9,6 +10,11 @@ backprop) and boss_student (1 round, teacher_weight 0.5), at K = 2 and 4, throug
 ``run_sweep``. Prints the end-point RMSE and SWD (mean over the straighten seeds), their ratio
 to boss, and each row's network calls per sample of training (a forward 1, a backward 2,
 teacher calls included; boss: 3 x iterations x batch).
+
+``--equal-calls TARGET,BACKPROP ...``: for each named rollout variant that spends more than
+10% more training calls than boss at some K, boss and distill_uniform are trained again at
+that K with their iterations scaled by the ratio of calls (the same batch and pairs), and
+the variant is compared with them at equal calls too (mean over the same seeds).
 """
 
 from __future__ import annotations
@@ -50,7 +56,14 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--paths", nargs="+", default=["linear", "cosine"])
+    ap.add_argument("--equal-calls", nargs="*", default=[], metavar="TARGET,BACKPROP",
+                    help="rollout variants to also compare with boss and distill_uniform "
+                         "given the same training calls")
     args = ap.parse_args()
+    equal = [tuple(v.split(",")) for v in args.equal_calls]
+    unknown = [v for v in equal if v not in ROLLOUTS]
+    if unknown:
+        ap.error(f"--equal-calls: unknown variants {unknown}; known: {ROLLOUTS}")
     torch.set_num_threads(1)
     print(hardware())
     data = make_gaussian_mixture(4000, seed=0)
@@ -106,6 +119,37 @@ def main() -> None:
                 print(f"{name:32s} {k:2d} {r.mean():7.4f}±{r.std():.4f} "
                       f"{r.mean() / np.mean(boss['rmse']):6.3f} {s.mean():7.4f}±{s.std():.4f} "
                       f"{s.mean() / np.mean(boss['swd']):6.3f} {np.mean(row['calls']) / 1e6:15.2f}")
+        for target, backprop in equal:
+            _equal_calls(teacher, score, sweep, rows, f"boss_rollout[{target},{backprop}]",
+                         args)
+
+
+def _equal_calls(teacher, score, sweep, rows, variant: str, args) -> None:
+    """boss and distill_uniform retrained with the variant's training calls, per K; prints the
+    variant's end-point RMSE over theirs (per-seed ratios, mean ± std)."""
+    print(f"-- equal calls: {variant} against boss and distill_uniform given its calls")
+    for k in sweep.nfes:
+        ratio = np.mean(rows[variant][k]["calls"]) / np.mean(rows["boss"][k]["calls"])
+        if ratio <= 1.1:
+            print(f"  K={k}: {ratio:.2f}x boss's calls, within 10%: the table above stands")
+            continue
+        iterations = int(round(args.iterations * ratio))
+        base = {"boss": [], "distill_uniform": []}
+        for seed in args.seeds:
+            train = StraightenConfig(iterations=iterations, batch_size=128, lr=1e-3,
+                                     warmup=50, ema_decay=0.99, eval_every=iterations,
+                                     seed=seed, device="cpu", progress=False)
+            config = SweepConfig(**{**sweep.to_dict(), "nfes": (k,),
+                                    "methods": ("teacher", "boss", "distill_uniform")})
+            metrics, _, _ = run_sweep(teacher, (2,), score, config, train, progress=False)
+            for method in base:
+                base[method].append(metrics[method][f"nfe_{k}"]["endpoint_rmse"])
+        ours = np.array(rows[variant][k]["rmse"])
+        for method, values in base.items():
+            per_seed = ours / np.array(values)
+            print(f"  K={k}: {ratio:.1f}x calls ({iterations} steps): {method} RMSE "
+                  f"{np.mean(values):.4f}±{np.std(values):.4f}; {variant} / {method} = "
+                  f"{per_seed.mean():.3f} ± {per_seed.std():.3f} (per-seed ratios)", flush=True)
 
 
 if __name__ == "__main__":
