@@ -2,7 +2,7 @@
 
 Local stand-ins, each started by this test and stopped by its PID:
 - a Dask cluster: ``dask scheduler`` + 2 ``dask worker`` processes, reached by address
-  (``BOSS_DASK_ADDRESS``), with the Prefect server they and the stages report to;
+  (``BOSS_DASK_ADDRESS``), with the Prefect server their shard tasks report to;
 - an MLflow tracking server on 127.0.0.1 with a database backend (SQLite) and a proxied
   artifact store (``--serve-artifacts``), reached through ``MLFLOW_TRACKING_URI``;
 - a DVC remote in a temporary folder (``dvc remote add``);
@@ -62,8 +62,10 @@ def stand_ins(tmp_path_factory):
         server = pool.submit(stack.enter_context,
                              mlflow_server(root / "mlflow", serve_artifacts=True))
         (address, api), uri = cluster.result(), server.result()
+        # the shard sub-flows report to the cluster's Prefect server; the stages themselves run
+        # plain (BOSS_PREFECT=0): stages as Prefect flows are the flow tests' subject
         extra = {"BOSS_DASK_ADDRESS": address, "PREFECT_API_URL": api,
-                 "MLFLOW_TRACKING_URI": uri}
+                 "MLFLOW_TRACKING_URI": uri, "BOSS_PREFECT": "0"}
         run([str(BIN / "dvc"), "repro"], repo, timeout=1500, **extra)
         run([str(BIN / "dvc"), "push"], repo, **extra)
         yield repo, remote, uri, extra
