@@ -46,13 +46,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .device import resolve_device
 from .distributed import Dist
 from .grids import uniform_grid
 from .sampling import euler_step
 from .schedule import Schedule
 from .seeds import step_generator
-from .straighten import _RESUMABLE, StraightenConfig, StraightenResult
+from .straighten import (
+    _RESUMABLE,
+    StraightenConfig,
+    StraightenResult,
+    place_training,
+    result_of,
+)
 from .training import Checkpoint, LoopSettings
 from .training import train as train_loop
 from .velocity import VelocityFn, evaluate_velocity
@@ -170,8 +175,6 @@ def straighten_rollout(model: nn.Module, train, schedule: Schedule, config: Stra
     """
     check_rollout_options({"target": target, "backprop": backprop})
     dist = Dist() if dist is None else dist
-    if len(train) < 1:
-        raise ValueError("no training pairs")
     n_steps = None
     if target == "chord":
         if teacher is None:
@@ -180,18 +183,9 @@ def straighten_rollout(model: nn.Module, train, schedule: Schedule, config: Stra
             raise ValueError(f"target 'chord' needs a schedule on the fine grid, got "
                              f"{schedule.name!r} without indices")
         n_steps = schedule.n_steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    rows = dist.rank_slice(config.batch_size)
-    dist.check_ready()
-    device = dist.device(resolve_device(config.device))
-    model.to(device)
+    rows, dtype, device, train, val = place_training(model, train, val, config, dist)
     if isinstance(teacher, nn.Module):
         teacher.to(device)
-    dtype = params[0].dtype
-    train = train.to(device)
-    val = val.to(device) if val is not None and len(val) else None
 
     def step_loss(net: nn.Module, step: int) -> Tensor:
         gen = step_generator(config.seed, step)
@@ -211,9 +205,4 @@ def straighten_rollout(model: nn.Module, train, schedule: Schedule, config: Stra
         checkpoint=Checkpoint.at(checkpoint_dir, CHECKPOINT_NAME, settings, _RESUMABLE),
         evaluate=(lambda ema: endpoint_error(ema, val, schedule)) if val is not None else None,
         on_checkpoint=on_checkpoint, dist=dist)
-    return StraightenResult(
-        ema_model=trained.ema_model, model=model, losses=trained.losses,
-        val_losses=trained.val_losses, step=trained.step, wall_time_s=trained.wall_time_s,
-        trainable_params=trained.trainable_params,
-        total_params=sum(p.numel() for p in model.parameters()),
-        resumed_from=trained.resumed_from)
+    return result_of(model, trained)

@@ -146,21 +146,7 @@ def straighten(
             ``callback`` and the progress bar; every rank returns the same result.
     """
     dist = Dist() if dist is None else dist
-    if not isinstance(config, StraightenConfig):
-        raise ValueError(f"config must be a StraightenConfig, got {type(config).__name__}")
-    if len(train) < 1:
-        raise ValueError("no training pairs")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (use trainable_copy(teacher) "
-                         "for full fine-tuning or add_lora(teacher, rank))")
-    rows = dist.rank_slice(config.batch_size)  # this rank's rows of every global batch
-    dist.check_ready()
-    device = dist.device(resolve_device(config.device))
-    model.to(device)
-    dtype = params[0].dtype
-    train = train.to(device)
-    val = val.to(device) if val is not None and len(val) else None
+    rows, dtype, _, train, val = place_training(model, train, val, config, dist)
 
     def step_loss(net: nn.Module, step: int) -> Tensor:
         """L_s on this rank's shard of the global batch drawn from ``step_generator(seed, s)``."""
@@ -181,6 +167,36 @@ def straighten(
         checkpoint=Checkpoint.at(checkpoint_dir, CHECKPOINT_NAME, config.to_dict(), _RESUMABLE),
         evaluate=held_out if val is not None else None,
         callback=callback, on_checkpoint=on_checkpoint, dist=dist)
+    return result_of(model, trained)
+
+
+def place_training(model: nn.Module, train, val, config: StraightenConfig, dist: Dist):
+    """The checks and placement every straightening loop starts with: a StraightenConfig,
+    training pairs, trainable parameters, a batch the world size divides; the model and the
+    pairs moved to this rank's device.
+
+    Returns (rows: this rank's slice of every global batch, dtype of the trainable weights,
+    device, train on the device, val on the device or None when empty).
+    """
+    if not isinstance(config, StraightenConfig):
+        raise ValueError(f"config must be a StraightenConfig, got {type(config).__name__}")
+    if len(train) < 1:
+        raise ValueError("no training pairs")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (use trainable_copy(teacher) "
+                         "for full fine-tuning or add_lora(teacher, rank))")
+    rows = dist.rank_slice(config.batch_size)  # this rank's rows of every global batch
+    dist.check_ready()
+    device = dist.device(resolve_device(config.device))
+    model.to(device)
+    train = train.to(device)
+    val = val.to(device) if val is not None and len(val) else None
+    return rows, params[0].dtype, device, train, val
+
+
+def result_of(model: nn.Module, trained) -> StraightenResult:
+    """The StraightenResult of ``boss_core.training.train``'s outcome on ``model``."""
     return StraightenResult(
         ema_model=trained.ema_model, model=model, losses=trained.losses,
         val_losses=trained.val_losses, step=trained.step, wall_time_s=trained.wall_time_s,
