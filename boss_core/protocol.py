@@ -52,10 +52,19 @@ Score = Callable[[Tensor], dict[str, float]]
 class Cost:
     """What a row cost: training iterations, wall seconds, trainable parameters, the network
     calls (batched) and per-sample evaluations spent on its schedule search, and
-    ``sample_nfe``, the network calls of one sample (K, or 2K for a guided teacher);
-    ``train_evaluations``, the per-sample network calls of its training (a forward 1, a
-    backward 2, teacher calls included), counted by the rollout and student-schedule rows
-    (None elsewhere: left out of the table)."""
+    ``sample_nfe``, the network calls of one sample (K, or 2K for a guided teacher).
+
+    The budget, in per-sample network evaluations (a forward pass 1, a backward pass 2; one
+    guided teacher step 2 forwards), for a trained row (None elsewhere: left out)::
+
+        pairs_evaluations  = pair_samples * N * calls_per_step   (the teacher's paths that
+                                                                  give every student's pairs)
+        train_evaluations  = 3 * iterations * batch_size         (chords, reflow)
+                             or counted by the rollout / rounds kinds (teacher calls included)
+        budget_evaluations = search_evaluations + pairs_evaluations + train_evaluations
+
+    A schedule-only row's budget is its search_evaluations; the reference row's is 0.
+    """
 
     iterations: int = 0
     wall_seconds: float = 0.0
@@ -63,7 +72,9 @@ class Cost:
     search_nfe: int = 0
     search_evaluations: int = 0
     sample_nfe: int = 0
+    pairs_evaluations: int | None = None
     train_evaluations: int | None = None
+    budget_evaluations: int = 0
 
 
 def conditioning(sweep, num_classes: int | None, label_dropout: float | None = None,
@@ -264,7 +275,8 @@ def fit_method(method: str | Method, teacher: nn.Module, pairs_of: Callable[[int
             result = straighten(_new_student(method, teacher, sweep, train_config), train,
                                 train_config, val=val, checkpoint_dir=checkpoint_dir,
                                 on_checkpoint=on_checkpoint, dist=dist)
-            fitted, extra = Fitted(_merged(method, result), result), {}
+            fitted, extra = Fitted(_merged(method, result), result), {
+                "train_evaluations": 3 * train_config.iterations * train_config.batch_size}
         out.trained[k] = fitted
         out.costs[student_tag(k)] = {"iterations": train_config.iterations,
                                      "wall_seconds": fitted.result.wall_time_s,
@@ -423,7 +435,9 @@ def cost_table(sweep, search_costs: Mapping[str, Cost],
     """{method: {"nfe_K": Cost fields}}: training from ``student_costs`` ({method: {K:
     Cost}}); every row also carries its schedule's search calls, and the row whose own search
     it is, the search's wall time; ``sample_nfe`` is K for a student, K times the teacher's
-    calls per step (2 when guided) for a teacher row."""
+    calls per step (2 when guided) for a teacher row; a trained row's ``pairs_evaluations``
+    and every row's ``budget_evaluations`` are ``Cost``'s (a student shared by every K is
+    charged in full at each K)."""
     out: dict[str, dict[str, dict]] = {}
     for m in selected(sweep):
         keys = [sweep.n_steps] if m.reference else list(sweep.nfes)
@@ -437,6 +451,10 @@ def cost_table(sweep, search_costs: Mapping[str, Cost],
                 cost.search_evaluations = found.search_evaluations
                 if m.name == schedule:
                     cost.wall_seconds = found.wall_seconds
+            if m.trained:
+                cost.pairs_evaluations = sweep.pair_samples * sweep.n_steps * cond.calls_per_step
+            cost.budget_evaluations = (cost.search_evaluations + (cost.pairs_evaluations or 0)
+                                       + (cost.train_evaluations or 0))
             out.setdefault(m.name, {})[f"nfe_{k}"] = {
                 key: value for key, value in vars(cost).items() if value is not None}
     return out

@@ -363,7 +363,8 @@ def _check_artifacts(found: dict[str, dict], run_dir: Path) -> None:
         run_dir / "results" / "figures" / "fid_vs_nfe.png").read_bytes()
 
 
-CALLS = ("iterations", "trainable_params", "search_nfe", "search_evaluations", "sample_nfe")
+CALLS = ("iterations", "trainable_params", "search_nfe", "search_evaluations", "sample_nfe",
+         "budget_evaluations")
 
 
 def _in_memory_sweep(run_dir: Path) -> tuple[dict, dict]:

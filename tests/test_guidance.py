@@ -252,6 +252,7 @@ def test_guidance_raises_class_accuracy_end_to_end(conditional_mixture_teacher):
     assert c["teacher"]["nfe_12"]["sample_nfe"] == 24
     assert c["uniform"]["nfe_2"]["sample_nfe"] == 4 and c["boss"]["nfe_2"]["sample_nfe"] == 2
     assert c["boss"]["nfe_2"]["search_nfe"] == 12 * 2  # the cost matrix: N guided steps
+    assert c["boss"]["nfe_2"]["pairs_evaluations"] == 60 * 12 * 2  # guided pair paths
     # the global search: N teacher steps, then 1 + 11 sources at K = 1, 2; twice each
     assert c["bellman_global"]["nfe_2"]["search_nfe"] == (12 + 1 + 11) * 2
 

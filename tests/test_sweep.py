@@ -63,7 +63,19 @@ def test_mixture_sweep_rows_and_oracles(mixture_sweep):
         "search_nfe"]
     assert costs["uniform"]["nfe_2"] == {"iterations": 0, "wall_seconds": 0.0,
                                          "trainable_params": 0, "search_nfe": 0,
-                                         "search_evaluations": 0, "sample_nfe": 2}
+                                         "search_evaluations": 0, "sample_nfe": 2,
+                                         "budget_evaluations": 0}
+    # the budget: search + the teacher's pair paths (pair_samples x N) + 3 x steps x batch
+    pairs = config.pair_samples * config.n_steps
+    for k in (1, 2, 4):
+        boss, distill = costs["boss"][f"nfe_{k}"], costs["distill_uniform"][f"nfe_{k}"]
+        assert boss["train_evaluations"] == 3 * TRAIN.iterations * TRAIN.batch_size
+        assert boss["pairs_evaluations"] == distill["pairs_evaluations"] == pairs
+        assert boss["budget_evaluations"] == (costs["bellman"][f"nfe_{k}"]["search_evaluations"]
+                                              + pairs + boss["train_evaluations"])
+        assert distill["budget_evaluations"] == pairs + distill["train_evaluations"]
+        assert costs["bellman"][f"nfe_{k}"]["budget_evaluations"] == costs["bellman"][
+            f"nfe_{k}"]["search_evaluations"] > 0
     assert 0 < costs["boss_lora"]["nfe_2"]["trainable_params"] < costs["boss"]["nfe_2"][
         "trainable_params"]
     assert len(frame) == 1 + (len(METHODS) - 1) * 3
