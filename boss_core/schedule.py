@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import check_number
 from .grids import as_grid, check_n_steps
 
 
@@ -71,8 +72,30 @@ class Schedule:
 
         diffusers' FlowMatchEulerDiscreteScheduler appends the final sigma 0 itself. Build the
         scheduler with ``shift=1.0`` (and no dynamic shifting), or it re-warps these sigmas.
+        The same values as ``to_flow_match_sigmas()[:-1]``.
         """
         return 1.0 - self.times[:-1]
+
+    def to_flow_match_sigmas(self) -> np.ndarray:
+        """(K + 1,) float64 flow-match sigmas sigma_k = 1 - t_k, k = 0..K: 1 (noise) to 0.
+
+        diffusers' flow matching writes x = (1 - sigma) x_data + sigma noise, which is our
+        linear path at sigma = 1 - t. K steps have K + 1 sigmas, the last exactly 0 (t_K = 1).
+        They equal ``FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)``'s
+        ``scheduler.sigmas`` (float32) after ``set_timesteps(sigmas=sigmas[:-1])``: diffusers
+        takes the K sigmas without the final 0 (``to_diffusers_sigmas``) and appends it.
+        """
+        return 1.0 - self.times
+
+    def to_flow_match_timesteps(self, num_train_timesteps: float = 1000) -> np.ndarray:
+        """(K,) float64 timesteps sigma_k * T, k = 0..K-1, T = ``num_train_timesteps``.
+
+        The time input of a diffusers flow-match network at each of the K calls (diffusers'
+        ``scheduler.timesteps``); the final sigma 0 (t_K = 1) is never evaluated, so it has no
+        timestep.
+        """
+        check_number("num_train_timesteps", num_train_timesteps, lambda v: v > 0, "> 0")
+        return self.to_flow_match_sigmas()[:-1] * float(num_train_timesteps)
 
     def to_denoiser_sigmas(self, sigma_max: float) -> np.ndarray:
         """(K + 1,) float64 sigmas for a diffusion model's ``EulerDiscreteScheduler``.
