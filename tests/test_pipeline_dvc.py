@@ -1,9 +1,9 @@
 """End to end: `dvc repro` on the tiny profile in a copy of the repository, then the MLflow
-store, a no-op second repro, `dvc exp run -S`, `dvc metrics diff`, `dvc plots show` and
-sampling from a registered model.
+store, a no-op second repro, `dvc push` and sampling from a registered model
+(experiments, `dvc metrics diff` and `dvc plots show`: test_pipeline_queue.py).
 
 The tests that only read the run use the session's ``tiny_repro`` (tests/conftest.py); the ones
-that push, commit or run experiments work on one copy of it (``repo``)."""
+that push or commit work on one copy of it (``repo``)."""
 
 from __future__ import annotations
 
@@ -125,21 +125,3 @@ def test_sample_from_the_registered_model(tiny_repro, tmp_path):
     a, b = sorted(out.glob("*.npy")), sorted(local.glob("*.npy"))
     assert len(a) == len(b) == 1
     assert np.array_equal(np.load(a[0]), np.load(b[0]))
-
-
-def test_exp_run_metrics_diff_and_plots(repo):
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
-    before = _metrics(repo)
-    done = run([str(_dvc()), "exp", "run", "-S", "straighten.iterations=20"], repo, timeout=900)
-    assert "Running stage 'straighten@boss'" in done.stdout + done.stderr
-    assert "Running stage 'teacher'" not in done.stdout + done.stderr
-    after = _metrics(repo)
-    assert after["uniform"] == before["uniform"]  # untouched rows are identical
-    assert after["boss"]["nfe_2"]["fid"] != before["boss"]["nfe_2"]["fid"]
-    diff = run([str(_dvc()), "metrics", "diff", "--json"], repo)
-    changed = json.loads(diff.stdout)["results/metrics.json"]
-    assert "boss.nfe_2.fid" in changed and "uniform.nfe_2.fid" not in changed
-    shown = run([str(_dvc()), "plots", "show", "-o", "plots_html"], repo)
-    html = (repo / "plots_html" / "index.html").read_text()
-    assert "fid_vs_nfe" in html and "endpoint_vs_nfe" in html, shown.stdout[-500:]
