@@ -97,7 +97,7 @@ def collect(params: Params, ws: Workspace, methods: Iterable[str] | None = None
     trained method the run did not train, or artifacts that do not match ``params`` (stale).
     """
     s = params.sweep
-    names = list(s.methods if methods is None else methods)
+    names = list(dict.fromkeys(s.methods if methods is None else methods))
     for name in names:
         get(name)  # ValueError listing the known methods
     path = schedules_file(ws)
