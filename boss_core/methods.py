@@ -18,6 +18,10 @@ to them, and so what samples each row::
                       (not default)
     boss_rollout      the teacher fine-tuned on its own K-step rollouts along
                       ``sweep.straighten_schedule`` (``boss_core.rollout``; not default)
+    learned_times_ft  boss_rollout (end point, full backpropagation) with the schedule's K - 1
+                      times trained with the weights, from ``sweep.straighten_schedule``'s
+                      (``boss_core.rollout``; each student samples on its own times; not
+                      default)
     boss_student      boss, then the Bellman DP re-run on the student's own jump errors and
                       straightened again (``boss_core.student_schedule``; not default)
 
@@ -55,7 +59,7 @@ from .cost import CostMatrix
 from .learned_times import LearnTimesConfig, learned_schedules
 from .pairs import uniform_on_grid
 from .presets import PRESETS
-from .rollout import check_rollout_options
+from .rollout import check_rollout_options, check_timed_options
 from .schedule import Schedule
 from .student_schedule import check_student_options
 from .velocity import VelocityFn
@@ -120,14 +124,20 @@ class Training:
     schedule of its own per K (``boss_core.student_schedule``).
     lora: train a rank-``sweep.lora_rank`` LoRA adapter (merged after training) instead of
     every weight.
+    learn_times: ("rollout" only) the schedule's times train with the weights
+    (``boss_core.rollout``'s learned times, option ``times_lr``); each student then samples
+    on its own times.
     """
 
     kind: str = "chords"
     lora: bool = False
+    learn_times: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Training.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.learn_times and self.kind != "rollout":
+            raise ValueError(f"Training.learn_times needs kind 'rollout', got {self.kind!r}")
 
     @property
     def shared(self) -> bool:
@@ -147,7 +157,7 @@ class Training:
     @property
     def own_schedule(self) -> bool:
         """Its students sample on schedules of their own, found while training."""
-        return self.kind == "rounds"
+        return self.kind == "rounds" or self.learn_times
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "schedule", schedule_of=STRAIGHTEN, training=Training("rollout"),
            options={"target": "endpoint", "backprop": "step"}, check=check_rollout_options,
            default=False),
+    Method("learned_times_ft", "the teacher fine-tuned on its own K-step rollouts with the "
+           "schedule's times learned alongside", schedule_of=STRAIGHTEN,
+           training=Training("rollout", learn_times=True),
+           options={"target": "endpoint", "backprop": "full", "times_lr": 0.02},
+           check=check_timed_options, default=False),
     Method("boss_student", "boss, then re-scheduled on the student's own jump errors and "
            "straightened again", schedule_of=STRAIGHTEN, training=Training("rounds"),
            options={"rounds": 1, "teacher_weight": 0.5, "cost_samples": 500},

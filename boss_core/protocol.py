@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -302,12 +302,18 @@ def _fit_rollout(method, teacher, ends, schedule, sweep, train_config, options, 
     """A rollout student (``boss_core.rollout``) on the (noise, end point) pairs ``ends``;
     its cost counts 3K student calls and the chord target's teacher calls per sample."""
     train, val = split_pairs(ends, sweep)
+    learn = method.training.learn_times
     result = straighten_rollout(
         _new_student(method, teacher, sweep, train_config), train, schedule, train_config,
         target=options["target"], backprop=options["backprop"], teacher=cond.teacher(teacher),
-        val=val, checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint, dist=dist)
+        val=val, checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint, dist=dist,
+        times_lr=options["times_lr"] if learn else None)
+    own = None
+    if learn:  # the times trained with the weights: sample the network on the EMA's times
+        own = result.ema_model.schedule(method.name)
+        result = replace(result, ema_model=result.ema_model.net, model=result.model.net)
     per_sample = evaluations_per_sample(schedule, options["target"], cond.calls_per_step)
-    return Fitted(_merged(method, result), result), {
+    return Fitted(_merged(method, result), result, own), {
         "train_evaluations": train_config.iterations * train_config.batch_size * per_sample}
 
 

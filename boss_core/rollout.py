@@ -30,6 +30,18 @@ go to every student call and to the (guided) teacher.
 Network calls per sample per training step (a forward 1, a backward 2):
 3K for the student, plus N x (teacher calls per evaluation: 2 guided) for "chord".
 
+Learned times (``times_lr``, the "endpoint" target only): the schedule's K - 1 interior times
+train with the weights, on the same loss, as ``boss_core.learned_times`` parametrises them:
+
+    tau = times_of(theta)   (t_0 = 0, t_k = cumsum(softmax(theta))_{k-1}, t_K = 1),
+    theta = (times_lr / lr) phi,   phi a parameter of ``TimedStudent``, started at
+                                   logits_of(schedule) lr / times_lr
+
+Adam's step is invariant to the scale of a gradient, so phi moves about lr per step and theta
+about times_lr: the loop's one learning rate serves both. The gradient reaches theta through
+the step sizes h_k and the network's t input; the EMA averages phi with the weights and the
+EMA's times are the student's schedule (off the fine grid).
+
 The loop is ``boss_core.training.train`` (Adam, warm-up, clipping, EMA from the teacher's
 weights, the checkpoint ``rollout.pt`` and its resume, the NaN stop); step s draws its batch
 from ``step_generator(seed, s)``. The held-out loss is the EMA student's K-step end-point
@@ -46,8 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_number
 from .distributed import Dist
 from .grids import uniform_grid
+from .learned_times import logits_of, times_of
 from .sampling import euler_step
 from .schedule import Schedule
 from .seeds import step_generator
@@ -75,6 +89,55 @@ def check_rollout_options(opts: Mapping[str, Any]) -> None:
         raise ValueError(f"backprop must be one of {BACKPROPS}, got {opts.get('backprop')!r}")
 
 
+def check_timed_options(opts: Mapping[str, Any]) -> None:
+    """``check_rollout_options`` plus ``times_lr`` > 0; learned times need the "endpoint"
+    target (the "chord" target is the teacher's steps between fine-grid points)."""
+    check_rollout_options(opts)
+    check_number("times_lr", opts.get("times_lr"), lambda v: v > 0, "> 0")
+    if opts["target"] != "endpoint":
+        raise ValueError(f"target must be 'endpoint' when the times are learned, got "
+                         f"{opts['target']!r}")
+
+
+class TimedStudent(nn.Module):
+    """A student whose K-step schedule is a parameter (the module doc's learned times).
+
+    Calls go to ``net``; ``times()`` is the (K + 1,) differentiable schedule
+    times_of(scale phi), scale = times_lr / lr.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, scale: float):
+        super().__init__()
+        self.net = net  # first: its weights' dtype is the training dtype (place_training)
+        self.scale = float(scale)
+        self.clock = nn.Module()  # a child after net, so that parameters() lists net's first
+        self.clock.phi = nn.Parameter(logits_of(schedule.times) / self.scale)  # (K,) float64
+
+    @property
+    def phi(self) -> Tensor:
+        return self.clock.phi
+
+    def forward(self, x: Tensor, t: Tensor, **extras) -> Tensor:
+        return self.net(x, t, **extras)
+
+    def times(self) -> Tensor:
+        """(K + 1,) float64 tau_0 = 0 < ... < tau_K = 1, with the graph to phi."""
+        return times_of(self.scale * self.phi)
+
+    def schedule(self, name: str) -> Schedule:
+        """The current times as a ``Schedule`` (no fine-grid indices)."""
+        return Schedule(self.times().detach().cpu().numpy(), name=name)
+
+
+def _schedule_times(net, schedule: Schedule) -> list:
+    """The K + 1 times a rollout steps on: the floats of ``schedule``, or a ``TimedStudent``'s
+    own (0-dim tensors with their graph; ``net`` may be its DDP wrapper)."""
+    module = getattr(net, "module", net)
+    if isinstance(module, TimedStudent):
+        return list(module.times().unbind())
+    return [float(t) for t in schedule.times]
+
+
 def evaluations_per_sample(schedule: Schedule, target: str, teacher_calls: int = 1) -> int:
     """Network calls of one sample in one training step: 3K student calls (K forwards, their
     backward counted 2), plus (i_K - i_0) = N teacher steps x ``teacher_calls`` for "chord"."""
@@ -98,8 +161,11 @@ def teacher_chord_end(teacher: VelocityFn, x: Tensor, i_from: int, i_to: int, n_
     return x
 
 
-def _times(x: Tensor, t: float) -> Tensor:
-    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)  # (B,)
+def _times(x: Tensor, t: float | Tensor) -> Tensor:
+    """(B,) t in x's dtype (a 0-dim tensor t keeps its graph)."""
+    if isinstance(t, Tensor):
+        return t.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
 
 def _sq(err: Tensor) -> Tensor:
@@ -112,8 +178,9 @@ def rollout_loss(net: Callable[..., Tensor], z: Tensor, x1: Tensor, schedule: Sc
                  n_steps: int | None = None, extras: Mapping[str, Any] | None = None) -> Tensor:
     """The module doc's L for noises z (B, ...) and teacher end points x1 (B, ...) on
     ``schedule`` (its times; its fine-grid indices and ``n_steps`` N for "chord", which
-    calls ``teacher``). A scalar with the graph of ``net``'s calls."""
-    times, extras = [float(t) for t in schedule.times], dict(extras or {})
+    calls ``teacher``); a ``TimedStudent`` steps on its own times. A scalar with the graph of
+    ``net``'s calls."""
+    times, extras = _schedule_times(net, schedule), dict(extras or {})
     k_steps = len(times) - 1
     x = z
     total = z.new_zeros(())
@@ -141,14 +208,15 @@ def rollout_loss(net: Callable[..., Tensor], z: Tensor, x1: Tensor, schedule: Sc
 def endpoint_error(model: Callable[..., Tensor], pairs, schedule: Schedule,
                    batch_size: int = 1024) -> float:
     """mean over pairs of (1/D) ||x_K - x1||^2: ``model``'s K Euler steps on ``schedule``
-    from each noise z against the teacher's end point x1."""
+    (a ``TimedStudent``'s: its own times) from each noise z against the teacher's end point
+    x1."""
     total, count = 0.0, 0
     for lo in range(0, len(pairs), batch_size):
         index = torch.arange(lo, min(lo + batch_size, len(pairs)))
         z, x1 = pairs.z[index.to(pairs.z.device)], pairs.x1[index.to(pairs.z.device)]
         extras = pairs.extras(index)
         x = z
-        times = [float(t) for t in schedule.times]
+        times = [float(t) for t in _schedule_times(model, schedule)]
         for t_cur, t_next in zip(times[:-1], times[1:], strict=True):
             x = euler_step(x, model(x, _times(x, t_cur), **extras), t_cur, t_next)
         err = (x - x1).pow(2).reshape(x.shape[0], -1).mean(dim=1)
@@ -162,7 +230,8 @@ def straighten_rollout(model: nn.Module, train, schedule: Schedule, config: Stra
                        teacher: VelocityFn | None = None, val=None,
                        checkpoint_dir: str | os.PathLike | None = None,
                        on_checkpoint: Callable[[int], None] | None = None,
-                       dist: Dist | None = None) -> StraightenResult:
+                       dist: Dist | None = None,
+                       times_lr: float | None = None) -> StraightenResult:
     """Fine-tune ``model`` (in place, from the teacher's weights) on its own rollouts.
 
     Args:
@@ -172,8 +241,14 @@ def straighten_rollout(model: nn.Module, train, schedule: Schedule, config: Stra
         teacher: the (guided) teacher v(x, t, **extras) for "chord" (its calls are not
             trained); None for "endpoint".
         checkpoint_dir: where ``rollout.pt`` is written and resumed from (None: never).
+        times_lr: learn the times too (the module doc), from ``schedule``'s; the result's
+            ``model`` and ``ema_model`` are then ``TimedStudent``s (``.net`` samples on
+            ``.schedule(name)``). None: the times stay ``schedule``'s.
     """
     check_rollout_options({"target": target, "backprop": backprop})
+    if times_lr is not None:
+        check_timed_options({"target": target, "backprop": backprop, "times_lr": times_lr})
+        model = TimedStudent(model, schedule, times_lr / config.lr)
     dist = Dist() if dist is None else dist
     n_steps = None
     if target == "chord":
@@ -197,7 +272,7 @@ def straighten_rollout(model: nn.Module, train, schedule: Schedule, config: Stra
                             teacher=teacher, n_steps=n_steps, extras=extras)
 
     settings = {**config.to_dict(), "target": target, "backprop": backprop,
-                "times": [float(t) for t in schedule.times]}
+                "times": [float(t) for t in schedule.times], "times_lr": times_lr}
     trained = train_loop(
         model, step_loss,
         LoopSettings.of(config, "rollout straightening", config.eval_every,

@@ -104,8 +104,9 @@ def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
         folder = student_dir(ctx.ws, method, k)
         save_model(folder / "model.safetensors", fitted.model, meta["model_config"],
                    meta["data_shape"], {"method": method, "nfe": k})
-        own = fitted.schedule  # a schedule the student found itself (boss_student), else None
-        write_json(folder / "schedule.json", (schedules[k] if own is None else own).to_dict())
+        own = fitted.schedule  # a schedule the student found itself (Training.own_schedule)
+        sampled = schedules[k] if own is None else own
+        write_json(folder / "schedule.json", sampled.to_dict())
         with atomic_path(folder / "losses.csv") as tmp:
             np.savetxt(tmp, fitted.result.losses, delimiter=",", header="step,loss",
                        comments="")
@@ -114,7 +115,7 @@ def run_method(ctx: StepContext, method: str, dist: Dist | None = None) -> dict:
             register_model(ctx.client, ctx.run_id, f"{p.run.experiment}-{method}-nfe{k}",
                            f"models/{method}/nfe_{k}",
                            {"method": method, "nfe": str(k),
-                            "schedule": schedules[k].to_json()})
+                            "schedule": sampled.to_json()})
     write_json(out / "costs.json", students.costs)
     for k in students.trained:  # done: the model files are the result
         shutil.rmtree(checkpoint_of(k), ignore_errors=True)

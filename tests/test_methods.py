@@ -53,7 +53,7 @@ def test_every_entry_names_its_schedule_and_trained_entries_learn_a_searched_one
             assert m.schedule_name("bellman_gits") == "bellman_gits"
     assert "bellman_gits" not in default_names()
     assert set(trained_names()) == {"boss", "boss_lora", "reflow_uniform", "distill_uniform",
-                                    "boss_rollout", "boss_student"}
+                                    "boss_rollout", "learned_times_ft", "boss_student"}
     with pytest.raises(ValueError, match="exactly one"):
         Method("bad", "neither", training=None)
 

@@ -168,3 +168,93 @@ def test_bad_rollout_options_fail_before_compute_naming_the_key(mixture_teacher)
         protocol.fit_method("boss_rollout", mixture_teacher, no_pairs, sweep, config())
     assert isinstance(reflow_pairs(mixture_teacher, 4, (2,), seed=0, start=0, count=2),
                       ReflowPairs)
+
+
+class CubicRate(nn.Module):
+    """v(x, t) = 3 t^2 x (no weights): the exact flow is x(1) = e z. Two Euler steps from 0
+    through t_1 give x_2 = z (1 + 3 t_1^2 (1 - t_1)), closest to e z at t_1 = 2/3."""
+
+    def forward(self, x, t):
+        return 3 * t.view(-1, 1) ** 2 * x
+
+
+def _timed_pairs(m: int = 256) -> ReflowPairs:
+    z = torch.randn(m, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return ReflowPairs(z, np.e * z, torch.arange(m))
+
+
+def test_learned_times_gradient_matches_finite_differences():
+    """d L / d phi of the rollout's end-point loss through the step sizes and the network's t
+    input, against central differences of the same loss."""
+    from boss_core.rollout import TimedStudent
+
+    pairs = _timed_pairs(64)
+    student = TimedStudent(CubicRate(), Schedule(np.array([0.0, 0.3, 0.55, 1.0])), scale=2.0)
+
+    def loss():
+        return rollout_loss(student, pairs.z, pairs.x1, Schedule.from_indices([0, 1, 2, 3], 3),
+                            target="endpoint", backprop="full")
+
+    student.zero_grad()
+    loss().backward()
+    grad = student.phi.grad.clone()
+    assert grad.abs().max() > 1e-3
+    eps = 1e-6
+    for i in range(3):
+        with torch.no_grad():
+            student.phi[i] += eps
+            up = float(loss())
+            student.phi[i] -= 2 * eps
+            down = float(loss())
+            student.phi[i] += eps
+        assert abs((up - down) / (2 * eps) - float(grad[i])) < 1e-6 * max(1.0, abs(grad[i]))
+
+
+def test_learned_times_of_a_frozen_field_reach_the_brute_force_optimum():
+    """With the weights frozen only the times train: from t_1 = 0.5 they reach the brute-force
+    optimum of the 2-step end-point error (t_1 = 2/3 on a 10^4-point grid) within 0.01, and the
+    returned model samples on them."""
+    grid = np.linspace(1e-4, 1 - 1e-4, 10_000)
+    best = grid[np.argmin((np.e - 1 - 3 * grid ** 2 * (1 - grid)) ** 2)]
+    assert abs(best - 2 / 3) < 1e-3
+    out = straighten_rollout(CubicRate(), _timed_pairs(), Schedule.from_indices([0, 1, 2], 2),
+                             config(iterations=300, ema_decay=0.0, lr=1e-3, eval_every=300),
+                             backprop="full", times_lr=0.03)
+    learned = out.ema_model.schedule("learned_times_ft")
+    assert abs(learned.times[1] - best) < 0.01, learned.times
+    assert learned.indices is None and learned.times[0] == 0.0 and learned.times[-1] == 1.0
+
+
+def test_learned_times_ft_row_samples_on_its_own_times(mixture_teacher, monkeypatch):
+    """The row through the sweep: its students sample on their learned times (off the fine
+    grid the Bellman start lay on), its end-point error beats that schedule's teacher, and its
+    calls are the rollout's 3K per sample and step."""
+    sweep = SweepConfig(methods=("teacher", "bellman", "learned_times_ft"), nfes=(2,),
+                        n_steps=24, search_samples=64, pair_samples=128, eval_samples=128,
+                        n_seeds=2, batch_size=128)
+    train = config(iterations=40, batch_size=64, warmup=5, eval_every=20)
+    ref = torch.randn(500, 2, generator=torch.Generator().manual_seed(3))
+    seen, original = {}, protocol.sampling_plan
+
+    def spy(*args, **kwargs):  # the times each row samples on
+        plan = original(*args, **kwargs)
+        seen.update({m: np.asarray(times) for m in plan for _, times in plan[m].values()})
+        return plan
+
+    monkeypatch.setattr(protocol, "sampling_plan", spy)
+    metrics, costs, _ = run_sweep(mixture_teacher, (2,), lambda s: {"swd": swd(s, ref, seed=0)},
+                                  sweep, train, progress=False)
+    assert (metrics["learned_times_ft"]["nfe_2"]["endpoint_rmse"]
+            < 0.5 * metrics["bellman"]["nfe_2"]["endpoint_rmse"])
+    assert costs["learned_times_ft"]["nfe_2"]["train_evaluations"] == 40 * 64 * 3 * 2
+    ours, start = seen["learned_times_ft"], seen["bellman"]
+    assert ours[0] == 0.0 and ours[-1] == 1.0 and 0 < ours[1] < 1
+    assert start[1] * 24 == round(start[1] * 24)  # the start: a fine-grid point
+    assert abs(ours[1] * 24 - round(ours[1] * 24)) > 1e-6 and ours[1] != start[1], (ours, start)
+
+
+def test_learned_times_need_the_endpoint_target():
+    with pytest.raises(ValueError, match=r"learned_times_ft\.target"):
+        MethodOptions({"learned_times_ft": {"target": "chord"}})
+    with pytest.raises(ValueError, match=r"learned_times_ft\.times_lr"):
+        MethodOptions({"learned_times_ft": {"times_lr": 0}})
