@@ -2,16 +2,18 @@
 distill_uniform, at equal optimiser steps and batch size.
 
     .venv/bin/python bench/beyond_boss.py [--iterations 200] [--seeds 0 1 2]
-        [--equal-calls "chord,step" "endpoint,full"]
+        [--rollouts endpoint,step ...] [--equal-calls "chord,step" "endpoint,full" learned_times_ft]
 
 On the 2-D 8-mode mixture, with a teacher on the linear path and one on the cosine path
 (curved), for each straighten seed: boss, distill_uniform, boss_rollout with each (target,
-backprop) and boss_student (1 round, teacher_weight 0.5), at K = 2 and 4, through
+backprop), learned_times_ft (end point, full backpropagation, times learned alongside) and
+boss_student (1 round, teacher_weight 0.5), at K = 2 and 4, through
 ``run_sweep``. Prints the end-point RMSE and SWD (mean over the straighten seeds), their ratio
 to boss, and each row's network calls per sample of training (a forward 1, a backward 2,
 teacher calls included; boss: 3 x iterations x batch).
 
-``--equal-calls TARGET,BACKPROP ...``: for each named rollout variant that spends more than
+``--equal-calls TARGET,BACKPROP|ROW ...``: for each named rollout variant (or row, e.g.
+learned_times_ft) that spends more than
 10% more training calls than boss at some K, boss and distill_uniform are trained again at
 that K with their iterations scaled by the ratio of calls (the same batch and pairs), and
 the variant is compared with them at equal calls too (mean over the same seeds).
@@ -41,6 +43,7 @@ from boss_core.sweep import SweepConfig, run_sweep  # noqa: E402
 from boss_core.teacher import TeacherConfig, train_teacher  # noqa: E402
 
 ROLLOUTS = [("endpoint", "step"), ("endpoint", "full"), ("chord", "step"), ("chord", "full")]
+ROWS = ("learned_times_ft",)  # rows run as they are, beside the rollout variants
 
 
 def teacher_on(path: str, data):
@@ -59,17 +62,23 @@ def main() -> None:
     ap.add_argument("--equal-calls", nargs="*", default=[], metavar="TARGET,BACKPROP",
                     help="rollout variants to also compare with boss and distill_uniform "
                          "given the same training calls")
+    ap.add_argument("--rollouts", nargs="+", default=[",".join(v) for v in ROLLOUTS],
+                    metavar="TARGET,BACKPROP", help="the boss_rollout variants to run "
+                    "(default: all four)")
     args = ap.parse_args()
-    equal = [tuple(v.split(",")) for v in args.equal_calls]
-    unknown = [v for v in equal if v not in ROLLOUTS]
+    variants = [tuple(v.split(",")) for v in args.rollouts]
+    if any(v not in ROLLOUTS for v in variants):
+        ap.error(f"--rollouts: known variants are {ROLLOUTS}")
+    equal = [tuple(v.split(",")) if "," in v else v for v in args.equal_calls]
+    unknown = [v for v in equal if v not in ROLLOUTS and v not in ROWS]
     if unknown:
-        ap.error(f"--equal-calls: unknown variants {unknown}; known: {ROLLOUTS}")
+        ap.error(f"--equal-calls: unknown variants {unknown}; known: {ROLLOUTS} and {ROWS}")
     torch.set_num_threads(1)
     print(hardware())
     data = make_gaussian_mixture(4000, seed=0)
     ref = data.x[:2000]
     sweep = SweepConfig(methods=("teacher", "boss", "distill_uniform", "boss_rollout",
-                                 "boss_student"), nfes=(2, 4), n_steps=50,
+                                 *ROWS, "boss_student"), nfes=(2, 4), n_steps=50,
                         search_samples=500, pair_samples=1000, eval_samples=1000, n_seeds=2,
                         batch_size=500)
     only_rollout = SweepConfig(**{**sweep.to_dict(), "methods": ("teacher", "boss_rollout")})
@@ -87,7 +96,7 @@ def main() -> None:
             train = StraightenConfig(iterations=args.iterations, batch_size=128, lr=1e-3,
                                      warmup=50, ema_decay=0.99, eval_every=100, seed=seed,
                                      device="cpu", progress=False)
-            for i, (target, backprop) in enumerate(ROLLOUTS):
+            for i, (target, backprop) in enumerate(variants):
                 options = MethodOptions({"boss_rollout": {"target": target,
                                                           "backprop": backprop}})
                 t0 = time.perf_counter()
@@ -119,9 +128,9 @@ def main() -> None:
                 print(f"{name:32s} {k:2d} {r.mean():7.4f}±{r.std():.4f} "
                       f"{r.mean() / np.mean(boss['rmse']):6.3f} {s.mean():7.4f}±{s.std():.4f} "
                       f"{s.mean() / np.mean(boss['swd']):6.3f} {np.mean(row['calls']) / 1e6:15.2f}")
-        for target, backprop in equal:
-            _equal_calls(teacher, score, sweep, rows, f"boss_rollout[{target},{backprop}]",
-                         args)
+        for variant in equal:
+            name = variant if isinstance(variant, str) else "boss_rollout[{},{}]".format(*variant)
+            _equal_calls(teacher, score, sweep, rows, name, args)
 
 
 def _equal_calls(teacher, score, sweep, rows, variant: str, args) -> None:

@@ -12,8 +12,10 @@ rows with the guided teacher (``sweep.guidance``), and adds each row's ``class_a
 the share of samples the FID classifier puts in the class they were drawn at.
 Writes results/metrics.json {method: {"nfe_K": {fid, fid_std, kid, kid_std, [class_accuracy,
 class_accuracy_std,] endpoint_rmse, n_samples, n_seeds}}}, results/costs.json (training
-iterations, wall seconds, trainable parameters, search calls and network calls per sample
-per row) and 64 samples per row for the report's grids.
+iterations, wall seconds, trainable parameters, search calls, network calls per sample and
+the budget in network evaluations per row, ``boss_core.protocol.Cost``; the budget is also
+logged to MLflow as ``<method>.budget_evaluations`` at step K) and 64 samples per row for the
+report's grids.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def run(ctx: StepContext) -> dict:
     metrics = score_rows(rows, drawn, score, s, progress=ctx.params.run.progress, cond=cond,
                          classify=classify)
     write_json(ctx.ws.results / "metrics.json", metrics)
-    write_json(ctx.ws.results / "costs.json", costs(ctx))
+    spent = costs(ctx)
+    write_json(ctx.ws.results / "costs.json", spent)
     noise = sample_noise(tuple(data.data_shape), evaluation_seeds(s)[0], 0, GRID_SAMPLES,
                          device=device)
     extras = cond.extras(0, GRID_SAMPLES, device)  # {} or {"y": i mod C}
@@ -159,8 +162,10 @@ def run(ctx: StepContext) -> dict:
     for method, by_k in metrics.items():
         for nfe_key, row in by_k.items():
             k = int(nfe_key.split("_")[1])
-            ctx.log_metrics({f"{method}.{name}": value for name, value in row.items()
-                             if name not in ("n_samples", "n_seeds")}, step=k, parent=True)
+            budget = spent[method][nfe_key]["budget_evaluations"]  # network evaluations
+            ctx.log_metrics({**{f"{method}.{name}": value for name, value in row.items()
+                                if name not in ("n_samples", "n_seeds")},
+                             f"{method}.budget_evaluations": budget}, step=k, parent=True)
     headline = {}
     if "boss" in metrics and "uniform" in metrics:
         k = min(s.nfes)

@@ -85,6 +85,10 @@ def test_mlflow_holds_parent_and_nested_runs(tiny_repro):
         {int(k.split("_")[1]): row["fid"] for k, row in metrics["boss"].items()})
     on_parent = client.get_metric_history(parent.info.run_id, "uniform.endpoint_rmse")
     assert len(on_parent) == len(metrics["uniform"])
+    costs = json.loads((repo / "results" / "costs.json").read_text())
+    budget = client.get_metric_history(parent.info.run_id, "boss.budget_evaluations")
+    assert {h.step: h.value for h in budget} == {
+        int(k.split("_")[1]): row["budget_evaluations"] for k, row in costs["boss"].items()}
     assert parent.data.params["straighten.iterations"] == "60"
     assert parent.data.tags.get("mlflow.source.git.commit")
     names = {m.name for m in client.search_registered_models()}
