@@ -6,13 +6,13 @@
 For every method of ``sweep.methods`` (or --methods) and every K it has, the schedule it
 samples on (``boss_core.protocol.schedule_name``): the reference row ``teacher`` gets its
 N-step uniform grid; a method whose student finds its own schedule while training
-(``boss_student``) the one its straighten stage wrote, outputs/students/<method>/nfe_K/
-schedule.json; every other method the table of the schedules stage,
-outputs/schedules/schedules.json. K steps have K + 1 time points. Each schedule has
+(``Training.own_schedule``: boss_student, learned_times_ft) the one its straighten stage
+wrote, outputs/students/<method>/nfe_K/schedule.json; every other method the table of the
+schedules stage, outputs/schedules/schedules.json. K steps have K + 1 time points. Each schedule has
 
     times       K + 1 float64 times 0 = t_0 < ... < t_K = 1 (t = 0 noise, t = 1 data)
     indices     their fine-grid indices i (t_k = i / N), or null for a schedule not chosen
-                on the fine grid (the presets uniform, shift, edm, and learned_times)
+                on the fine grid (the presets uniform, shift, edm, and learned times)
     sigmas      K + 1 diffusers flow-match sigmas 1 - t_k, from 1 down to exactly 0
     timesteps   K diffusers timesteps sigma_k * T (T = --num-train-timesteps): the final
                 sigma 0 is never evaluated, so it has no timestep

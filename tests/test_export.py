@@ -21,7 +21,8 @@ from tasks.runtime.io import write_json
 from tasks.runtime.workspace import Workspace
 
 N, NFES, T = 12, (2, 3), 1000
-METHODS = ["teacher", "uniform", "bellman", "learned_times", "boss", "boss_student"]
+METHODS = ["teacher", "uniform", "bellman", "learned_times", "boss", "boss_student",
+           "learned_times_ft"]
 TABLE = {  # what the schedules stage would have written for these methods
     "uniform": {k: uniform_schedule(k) for k in NFES},
     "bellman": {2: Schedule.from_indices([0, 7, 12], N, cost=0.5, name="bellman"),
@@ -30,8 +31,10 @@ TABLE = {  # what the schedules stage would have written for these methods
                                   name="learned_times"),
                       3: Schedule(times=[0.0, 0.3137, 0.7071, 1.0], name="learned_times")},
 }
-OWN = {2: Schedule.from_indices([0, 6, 12], N, name="bellman"),  # boss_student's students
-       3: Schedule.from_indices([0, 4, 10, 12], N, name="bellman")}
+OWN = {"boss_student": {2: Schedule.from_indices([0, 6, 12], N, name="bellman"),
+                        3: Schedule.from_indices([0, 4, 10, 12], N, name="bellman")},
+       "learned_times_ft": {2: Schedule(times=[0.0, 0.45, 1.0]),  # off the fine grid
+                            3: Schedule(times=[0.0, 0.2, 0.61, 1.0])}}
 
 
 def fake_run(root, methods=METHODS, own=True):
@@ -44,8 +47,9 @@ def fake_run(root, methods=METHODS, own=True):
                                     "search": {}})
     for k in NFES:
         write_json(student_dir(ws, "boss", k) / "schedule.json", TABLE["bellman"][k].to_dict())
-        if own:
-            write_json(student_dir(ws, "boss_student", k) / "schedule.json", OWN[k].to_dict())
+        for method, by_k in OWN.items():
+            if own:
+                write_json(student_dir(ws, method, k) / "schedule.json", by_k[k].to_dict())
     return root
 
 
@@ -56,7 +60,9 @@ def expected():
             "bellman": ("bellman", "teacher", TABLE["bellman"]),
             "learned_times": ("learned_times", "teacher", TABLE["learned_times"]),
             "boss": ("bellman", "boss", TABLE["bellman"]),
-            "boss_student": ("boss_student", "boss_student", OWN)}
+            "boss_student": ("boss_student", "boss_student", OWN["boss_student"]),
+            "learned_times_ft": ("learned_times_ft", "learned_times_ft",
+                                 OWN["learned_times_ft"])}
 
 
 @pytest.fixture
@@ -74,7 +80,7 @@ def test_json_holds_every_methods_schedules(exported):
     for method, (source, model, by_k) in expected().items():
         entry = doc["methods"][method]
         assert (entry["schedule"], entry["model"]) == (source, model), method
-        assert entry["trained"] == (method in ("boss", "boss_student"))
+        assert entry["trained"] == (method in ("boss", "boss_student", "learned_times_ft"))
         assert list(entry["schedules"]) == [f"nfe_{k}" for k in sorted(by_k)]
         for k, sched in by_k.items():
             row = entry["schedules"][f"nfe_{k}"]
@@ -90,6 +96,7 @@ def test_json_holds_every_methods_schedules(exported):
     # boss_student samples on what its students found, not on the table it started from
     assert doc["methods"]["boss_student"]["schedules"]["nfe_2"]["indices"] == [0, 6, 12]
     assert doc["methods"]["learned_times"]["schedules"]["nfe_3"]["indices"] is None
+    assert doc["methods"]["learned_times_ft"]["schedules"]["nfe_3"]["times"][1] == 0.2
 
 
 def test_csv_has_one_row_per_method_k_and_step(exported):
@@ -189,6 +196,8 @@ def test_a_missing_own_schedule_and_a_stale_table_are_refused(tmp_path, capsys):
     fake_run(tmp_path, own=False)
     assert export.main(["--run-dir", str(tmp_path)]) == 2
     assert "dvc repro straighten@boss_student" in capsys.readouterr().err
+    assert export.main(["--run-dir", str(tmp_path), "--methods", "learned_times_ft"]) == 2
+    assert "dvc repro straighten@learned_times_ft" in capsys.readouterr().err
     # without boss_student it exports; another sweep.nfes than the table's is stale
     assert export.main(["--run-dir", str(tmp_path), "--methods", "teacher", "boss"]) == 0
     doc = json.loads((tmp_path / "results" / "schedules.json").read_text())
@@ -199,8 +208,9 @@ def test_a_missing_own_schedule_and_a_stale_table_are_refused(tmp_path, capsys):
 
 def test_a_student_trained_on_other_times_is_refused(tmp_path, capsys):
     fake_run(tmp_path)
+    # boss's student at K = 3 learned other times than the table's
     write_json(student_dir(Workspace.at(tmp_path), "boss", 3) / "schedule.json",
-               OWN[3].to_dict())  # boss's student at K=3 learned other times than the table's
+               OWN["boss_student"][3].to_dict())
     assert export.main(["--run-dir", str(tmp_path), "--methods", "boss"]) == 2
     assert "straighten@boss" in capsys.readouterr().err
 
