@@ -37,8 +37,9 @@ install: $(STAMP)
 run: install
 	$(PY) -m tasks.cli.dvcyaml
 	dvc repro $(RUN_ARGS)
+	$(PY) -m tasks.export
 	@cat results/metrics.md
-	@echo "Results: results/ (dvc metrics show, dvc plots show); MLflow: make ui"
+	@echo "Results: results/ (dvc metrics show, dvc plots show; every method's steps in results/schedules.json and .csv); MLflow: make ui"
 
 run-paper: install
 	dvc exp run $$($(PY) -m tasks.cli.profile params.paper.yaml --dvc-args) $(RUN_ARGS)
