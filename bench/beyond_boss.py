@@ -2,7 +2,8 @@
 distill_uniform, at equal optimiser steps and batch size.
 
     .venv/bin/python bench/beyond_boss.py [--iterations 200] [--seeds 0 1 2]
-        [--rollouts endpoint,step ...] [--equal-calls "chord,step" "endpoint,full" learned_times_ft]
+        [--rollouts endpoint,step ...] [--teacher-weight 0.5]
+        [--equal-calls "chord,step" "endpoint,full" learned_times_ft]
 
 On the 2-D 8-mode mixture, with a teacher on the linear path and one on the cosine path
 (curved), for each straighten seed: boss, distill_uniform, boss_rollout with each (target,
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--rollouts", nargs="+", default=[",".join(v) for v in ROLLOUTS],
                     metavar="TARGET,BACKPROP", help="the boss_rollout variants to run "
                     "(default: all four)")
+    ap.add_argument("--teacher-weight", type=float, default=0.5,
+                    help="boss_student's teacher_weight w (the DP's cost: w teacher's + "
+                         "(1 - w) student's; default %(default)s)")
     args = ap.parse_args()
     variants = [tuple(v.split(",")) for v in args.rollouts]
     if any(v not in ROLLOUTS for v in variants):
@@ -98,7 +102,9 @@ def main() -> None:
                                      device="cpu", progress=False)
             for i, (target, backprop) in enumerate(variants):
                 options = MethodOptions({"boss_rollout": {"target": target,
-                                                          "backprop": backprop}})
+                                                          "backprop": backprop},
+                                         "boss_student": {"teacher_weight":
+                                                          args.teacher_weight}})
                 t0 = time.perf_counter()
                 metrics, costs, _ = run_sweep(teacher, (2,), score,
                                               sweep if i == 0 else only_rollout, train,
