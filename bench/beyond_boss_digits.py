@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows to leave out (to fit a time budget)")
     parser.add_argument("--equal-calls", action="store_true",
                         help="retrain boss and distill_uniform at the calls of costlier rows")
+    parser.add_argument("--equal-rows", nargs="+", metavar="ROW",
+                        help="only these rows get the equal-calls comparison (default: all)")
+    parser.add_argument("--resume", type=Path, metavar="JSON",
+                        help="take the rows from an earlier --json of this profile and seeds "
+                             "(skips their sweeps; e.g. to run --equal-calls alone)")
     parser.add_argument("--cache", type=Path, help="teacher / classifier cache "
                         "(default /tmp/boss_bench_cache/<profile>)")
     parser.add_argument("--json", type=Path, help="write every number to this file")
@@ -286,7 +291,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict = {}
     teacher_row = None
-    for seed in args.seeds:
+    if args.resume:
+        earlier = json.loads(args.resume.read_text())
+        if earlier["profile"] != args.profile or earlier["quick"] != args.quick:
+            parser.error(f"--resume: {args.resume} is profile {earlier['profile']} "
+                         f"(quick {earlier['quick']})")
+        rows = {name: {int(k): r for k, r in by_k.items()}
+                for name, by_k in earlier["rows"].items()}
+        teacher_row = out["teacher"] = earlier["teacher"]
+        print(f"rows from {args.resume}: {list(rows)}", flush=True)
+    for seed in [] if args.resume else args.seeds:
         train = replace(t, seed=seed)
         for variant in [None] + ([] if "boss_rollout" in args.skip else args.rollouts):
             if variant is None:
@@ -307,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             out["rows"], out["teacher"] = rows, teacher_row
             save()
-    if "learned_times" not in args.skip:  # a schedule search: no straighten seed
+    if "learned_times" not in args.skip and "learned_times" not in rows:  # no straighten seed
         t0 = time.perf_counter()
         metrics, costs, _ = sweep_of(replace(sweep, methods=("teacher", "learned_times")), t,
                                      params.methods)
@@ -333,21 +347,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{below['verdict']}")
     save()
     if args.equal_calls:
-        equal_calls(rows, sweep, t, args.seeds, sweep_of, out, save)
+        equal_calls(rows, sweep, t, args.seeds, sweep_of, out, save, args.equal_rows)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     save()
     return 0
 
 
-def equal_calls(rows, sweep, t, seeds, sweep_of, out, save) -> None:
-    """boss and distill_uniform straightened again at each costlier row's calls (per K)."""
+def equal_calls(rows, sweep, t, seeds, sweep_of, out, save, only=None) -> None:
+    """boss and distill_uniform straightened again at each costlier row's calls (per K);
+    ``only``: the rows to do it for (None: every trained row)."""
     print("\n== equal calls: boss and distill_uniform retrained with the row's training calls")
     lines = ["| row | K | calls / boss | steps | boss FID | distill FID | FID / boss | "
              "FID / distill | RMSE / boss | RMSE / distill |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     done: dict = {}
     for name, by_k in rows.items():
-        if name in BASELINES or name == "learned_times":
+        if name in BASELINES or name == "learned_times" or (only and name not in only):
             continue
         for k, r in by_k.items():
             ratio = np.mean(r["calls"]) / np.mean(rows["boss"][k]["calls"])
