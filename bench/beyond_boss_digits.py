@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="teacher / classifier cache "
                         "(default /tmp/boss_bench_cache/<profile>)")
     parser.add_argument("--json", type=Path, help="write every number to this file")
+    parser.add_argument("--extra-rows", nargs="*", default=[], metavar="ROW",
+                        help="registry rows to run too, at each straighten seed (e.g. "
+                             "learned_times_ft, with params.yaml's methods options); with "
+                             "--resume they are added to the earlier rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="a smoke run, tiny settings")
     args = parser.parse_args(argv)
@@ -325,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
             teacher_row = metrics["teacher"][f"nfe_{s.n_steps}"]
             print(f"seed {seed} {variant or 'baselines + boss_student'}: "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
+            out["rows"], out["teacher"] = rows, teacher_row
+            save()
+    for row in args.extra_rows:  # each straighten seed, also after --resume
+        if row in rows:
+            continue
+        for seed in args.seeds:
+            train, t0 = replace(t, seed=seed), time.perf_counter()
+            config = replace(sweep, methods=("teacher", row))
+            metrics, costs, _ = sweep_of(config, train, params.methods)
+            record(rows, row, metrics, costs, row, nfes, train)
+            teacher_row = metrics["teacher"][f"nfe_{s.n_steps}"]
+            print(f"seed {seed} {row}: {time.perf_counter() - t0:.0f} s", flush=True)
             out["rows"], out["teacher"] = rows, teacher_row
             save()
     if "learned_times" not in args.skip and "learned_times" not in rows:  # no straighten seed
