@@ -80,7 +80,9 @@ MARKS_ELSEWHERE = {
 TINY_RUNS = ("tiny_repro",)
 # the modules that take longest on their own (``--durations``), started first
 LONGEST = ("test_scale_pipeline.py", "test_flow.py", "test_faults.py", "test_dask.py",
-           "test_ddp.py")
+           "test_ddp.py",
+           # of the modules that wait for the tiny runs (last), the longest first too
+           "test_pipeline_queue.py", "test_determinism.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
