@@ -41,6 +41,10 @@ def _configure(repo: Path) -> None:
     # fewer trained rows than the tiny profile: this test is about placement, not methods
     params["sweep"]["methods"] = ["teacher", "uniform", "bellman", "boss", "distill_uniform"]
     params["sweep"]["nfes"] = [2]
+    params["sweep"]["eval_samples"] = 256  # 4 evaluation shards of 64
+    params["sweep"]["n_seeds"] = 2
+    params["fidelity"]["kid_subset_size"] = 100
+    params["model"]["base_channels"] = 8  # the tiny profile's teacher
     # and shorter training: the stages' placement is tested, not the models' quality
     params["teacher"]["iterations"] = 150
     params["features"]["iterations"] = 60
