@@ -95,7 +95,7 @@ class Schedule:
         timestep.
         """
         check_number("num_train_timesteps", num_train_timesteps, lambda v: v > 0, "> 0")
-        return self.to_flow_match_sigmas()[:-1] * float(num_train_timesteps)
+        return self.to_diffusers_sigmas() * float(num_train_timesteps)
 
     def to_denoiser_sigmas(self, sigma_max: float) -> np.ndarray:
         """(K + 1,) float64 sigmas for a diffusion model's ``EulerDiscreteScheduler``.
