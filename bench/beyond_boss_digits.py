@@ -44,7 +44,8 @@ error": the mean per-seed ratio <= 0.85 on all four; the winner is the new row (
 distill_uniform) with the lowest FID at K=2.
 
 ``--quick``: tiny settings, a one-to-two-minute smoke run of the script (numbers mean
-nothing). ``--threads``: torch threads (default 1).
+nothing). ``--threads``: torch threads (default 1). ``--device``: where everything runs
+(default cpu; the teacher and classifier caches are shared between devices).
 """
 
 from __future__ import annotations
@@ -92,12 +93,12 @@ QUICK = {"teacher.iterations": 60, "teacher.log_every": 20, "features.iterations
          "methods.learned_times.batch_size": 16, "methods.boss_student.cost_samples": 50}
 
 
-def profile_overrides(profile: str, quick: bool) -> dict:
+def profile_overrides(profile: str, quick: bool, device: str = "cpu") -> dict:
     """The ``section.key`` overrides of the profile (params.curved.yaml's for curved)."""
     over = {}
     if profile == "curved":
         over.update(yaml.safe_load((ROOT / "params.curved.yaml").read_text()))
-    over.update({"run.device": "cpu", "run.progress": False,
+    over.update({"run.device": device, "run.progress": False,
                  "sweep.eval_samples": 1797, **(QUICK if quick else {})})
     return over
 
@@ -107,7 +108,7 @@ def cached_teacher(params, data, cache: Path):
     model = build_model(params.model, data.data_shape, seed=params.teacher.seed)
     file = cache / f"teacher_{params.digest(['model', 'teacher'])}.pt"
     if file.is_file():
-        model.load_state_dict(torch.load(file, weights_only=True))
+        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         print(f"teacher: loaded {file}", flush=True)
         return model.eval()
     result = train_teacher(model, data.x, params.teacher, labels=data.y)
@@ -242,13 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                              "learned_times_ft, with params.yaml's methods options); with "
                              "--resume they are added to the earlier rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="run.device: cpu, cuda, cuda:<i>")
     parser.add_argument("--quick", action="store_true", help="a smoke run, tiny settings")
     args = parser.parse_args(argv)
     bad = [v for v in args.rollouts if v not in ROLLOUTS]
     if bad:
         parser.error(f"--rollouts: unknown {bad}; known {list(ROLLOUTS)}")
     torch.set_num_threads(args.threads)
-    overrides = profile_overrides(args.profile, args.quick)
+    overrides = profile_overrides(args.profile, args.quick, args.device)
     params = load_params(args.params, overrides)  # checks every value before compute
     nfes = tuple(args.nfes)
     s, t = params.sweep, params.straighten

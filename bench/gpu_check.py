@@ -1,11 +1,13 @@
 """The GPU path end to end on the default digits setup, with per-phase wall times.
 
     python bench/gpu_check.py [--device cuda] [--iterations 300] [--teacher-iterations 1500]
+        [--methods ROW ...] [--nfes K ...] [--kid-subsets 100]
 
 Trains the default teacher and the FID classifier, searches schedules (Bellman and global),
-straightens boss / boss_lora / reflow / distill at K = 2, 4, 8 and scores every method with
-FID / KID (torch-fidelity, on the device) and end-point RMSE: the same library calls the
-pipeline makes, with device set. Prints the hardware, each phase's seconds and the
+straightens the trained rows of ``--methods`` (default: the registry's default rows, boss /
+boss_lora / reflow / distill) at the K of ``--nfes`` (default 2, 4, 8) and scores every
+method with FID / KID (torch-fidelity, on the device) and end-point RMSE: the same library
+calls the pipeline makes, with device set. Prints the hardware, each phase's seconds and the
 boss / uniform FID ratios. Run it with --device cpu on the same machine for the baseline.
 """
 
@@ -25,6 +27,7 @@ from common import hardware  # noqa: E402
 from boss_core.data import load_digits_images  # noqa: E402
 from boss_core.features import FeatureNetConfig, train_feature_net  # noqa: E402
 from boss_core.fidelity import FidelityConfig, build_extractor, fid_kid  # noqa: E402
+from boss_core.methods import default_names  # noqa: E402
 from boss_core.models import ModelConfig, build_model  # noqa: E402
 from boss_core.straighten import StraightenConfig  # noqa: E402
 from boss_core.sweep import SweepConfig, run_sweep  # noqa: E402
@@ -39,6 +42,9 @@ def main() -> None:
     parser.add_argument("--teacher-iterations", type=int, default=1500)
     parser.add_argument("--kid-subsets", type=int, default=100,
                         help="KID subsets (torch-fidelity computes KID on the CPU in float64)")
+    parser.add_argument("--methods", nargs="+", default=list(default_names()), metavar="ROW",
+                        help="registry rows to run (boss_core.methods.REGISTRY)")
+    parser.add_argument("--nfes", type=int, nargs="+", default=[2, 4, 8], help="the K")
     parser.add_argument("--out", type=Path, default=None, help="write metrics.json here")
     args = parser.parse_args()
     print(f"hardware: {hardware()}; device {args.device}; torch {torch.__version__}")
@@ -65,7 +71,7 @@ def main() -> None:
         out = fid_kid(samples, reference, extractor)
         return {"fid": out["fid"], "kid": out["kid"]}
 
-    config = SweepConfig(nfes=(2, 4, 8), pair_samples=1000)
+    config = SweepConfig(methods=tuple(args.methods), nfes=tuple(args.nfes), pair_samples=1000)
     train = StraightenConfig(iterations=args.iterations, lr=1e-3, warmup=50, ema_decay=0.99,
                              checkpoint_every=0, device=args.device, progress=False)
     start = time.perf_counter()
@@ -74,7 +80,7 @@ def main() -> None:
                                       min_eval_samples=1000)
     times["sweep"] = time.perf_counter() - start
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for k in config.nfes:
+    for k in config.nfes if {"boss", "uniform"} <= set(config.methods) else ():
         b, u = metrics["boss"][f"nfe_{k}"], metrics["uniform"][f"nfe_{k}"]
         print(f"K={k}: boss/uniform FID {b['fid'] / u['fid']:.3f}, "
               f"end-point RMSE {b['endpoint_rmse'] / u['endpoint_rmse']:.3f}")
