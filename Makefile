@@ -66,11 +66,11 @@ lint: install
 # tiny `dvc repro` runs of tests/conftest.py are shared by both workers
 PYTEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the library and unit tests only (no e2e or slow ones): a few minutes on 2 cores
 test-fast: lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not e2e and not slow"
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not e2e and not slow"
 
 bench: install
 	$(PY) bench/run_all.py

@@ -78,11 +78,16 @@ MARKS_ELSEWHERE = {
 
 # session fixtures that are ``dvc repro`` runs of the tiny profile, started before the first test
 TINY_RUNS = ("tiny_repro",)
-# the modules that take longest on their own (``--durations``), started first
-LONGEST = ("test_scale_pipeline.py", "test_flow.py", "test_faults.py", "test_dask.py",
-           "test_ddp.py",
-           # of the modules that wait for the tiny runs (last), the longest first too
-           "test_pipeline_queue.py", "test_determinism.py")
+# The order the xdist workers take whole modules in (``make test`` passes
+# ``--no-loadscope-reorder``, so xdist keeps it rather than sorting modules by their number of
+# tests): longest first (``--durations``), so that the two workers finish together. The tiny
+# run takes about 160 s beside the first two modules; the modules that wait for it
+# (test_pipeline_queue, test_determinism, ...) come after those two, so no worker sits idle
+# waiting for it. The modules not named here follow in collection order.
+ORDER = ("test_scale_pipeline.py", "test_flow.py", "test_pipeline_queue.py", "test_faults.py",
+         "test_ddp.py", "test_dask.py", "test_determinism.py", "test_sweep.py",
+         "test_tracking_agent.py", "test_fidelity.py", "test_bad_input.py", "test_protocol.py",
+         "test_retries.py", "test_models.py", "test_paths.py", "test_pipeline_dvc.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
@@ -92,13 +97,8 @@ def pytest_collection_modifyitems(config, items):
         for name in wanted:
             if item.get_closest_marker(name) is None:
                 item.add_marker(name)
-    # the modules that wait for the tiny runs go last (whole modules, in their order), so the
-    # runs started before the first test go on beside all the others; of the rest, the longest
-    # go first (longest-first keeps the two xdist workers busy to the end)
-    waiting = {item.path for item in items
-               if any(name in getattr(item, "fixturenames", ()) for name in TINY_RUNS)}
-    items.sort(key=lambda item: (item.path in waiting, LONGEST.index(item.path.name)
-                                 if item.path.name in LONGEST else len(LONGEST)))
+    items.sort(key=lambda item: ORDER.index(item.path.name) if item.path.name in ORDER
+               else len(ORDER))
 
 
 @pytest.fixture(autouse=True)

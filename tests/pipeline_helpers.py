@@ -131,6 +131,7 @@ def mlflow_server(folder: Path, serve_artifacts: bool = False):
     import httpx
 
     from flows.local_server import free_port, stop_process
+    from tasks.runtime.servers import MLFLOW_SERVER_ENV
 
     port = free_port()
     server = subprocess.Popen(
@@ -138,7 +139,7 @@ def mlflow_server(folder: Path, serve_artifacts: bool = False):
          "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
          *(["--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
            if serve_artifacts else ["--default-artifact-root", str(folder / "artifacts")])],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env(**MLFLOW_SERVER_ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:

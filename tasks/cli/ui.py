@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..runtime import tracking
 from ..runtime.params import ParamsError, load_params
+from ..runtime.servers import MLFLOW_SERVER_ENV
 from ..runtime.workspace import repo_root
 
 
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     print(f"MLflow UI: http://{args.host}:{args.port}/#/experiments/{experiment_id}/runs "
           f"(store {uri}); Ctrl-C stops it", flush=True)
     mlflow = str(Path(sys.executable).parent / "mlflow")
+    for key, value in MLFLOW_SERVER_ENV.items():  # no idle GenAI job consumers (servers.py)
+        os.environ.setdefault(key, value)
     os.execv(mlflow, [mlflow, "ui", "--host", args.host, "--port", str(args.port),
                       "--backend-store-uri", uri, "--workers", "1"])
     return 0  # not reached
