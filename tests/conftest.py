@@ -66,7 +66,7 @@ MARKS_ELSEWHERE = {
         "test_graph_runs_ready_steps_n_at_a_time_and_stops_at_a_failure",
         "test_concurrent_steps_equal_the_sequential_run_and_publish_artifacts",
         "test_served_deployment_runs_tiny_pipeline_in_its_own_folder",
-        "test_a_burst_of_four_runs_two_at_a_time_all_complete_apart"), ("e2e", "slow")),
+        "test_a_burst_of_three_runs_two_at_a_time_all_complete_apart"), ("e2e", "slow")),
     "test_retries.py": {"test_a_flaky_read_is_retried_and_bad_input_is_not": ("e2e", "slow")},
     "test_sweep.py": dict.fromkeys(("test_mixture_sweep_rows_and_oracles",
                                     "test_digits_sweep_fid"), ("slow",)),

@@ -629,12 +629,12 @@ def _alive(proc) -> bool:
 
 
 @pytest.mark.slow
-def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path, prefect_server_api):
-    """4 runs triggered at once on a deployment served with limit 2, logging to one MLflow
-    tracking server: every run ends COMPLETED (nothing hangs), in its own folder, with its own
-    parent run holding its own steps and override. The runs themselves are as small as a
-    run gets (SMALL, boss the only student, one NFE, ten teacher and feature steps): what is
-    tested is the serving."""
+def test_a_burst_of_three_runs_two_at_a_time_all_complete_apart(tmp_path, prefect_server_api):
+    """3 runs triggered at once on a deployment served with limit 2 (so one waits), logging to
+    one MLflow tracking server: every run ends COMPLETED (nothing hangs), in its own folder,
+    with its own parent run holding its own steps and override. The runs themselves are as
+    small as a run gets (SMALL, boss the only student, one NFE, ten teacher and feature
+    steps): what is tested is the serving."""
     import mlflow
 
     t0 = time.monotonic()
@@ -654,7 +654,7 @@ def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path, prefect
             deployment = wait_for_deployment(api, f"{FLOW_NAME}/{name}", serve, timeout=90)
             t1 = time.monotonic()
             ids = {}
-            for n in (5, 6, 7, 8):
+            for n in (5, 6, 7):
                 reply = _post_retrying(
                     f"{api}/deployments/{deployment}/create_flow_run",
                     {"parameters": {"overrides": {"straighten.iterations": n}}})
@@ -685,7 +685,7 @@ def test_a_burst_of_four_runs_two_at_a_time_all_complete_apart(tmp_path, prefect
             assert sorted(s.info.run_name for s in steps) == sorted(STEPS)
             boss = [s for s in steps if s.info.run_name == "straighten_boss"][0]
             assert boss.data.params["straighten.iterations"] == str(n)
-        assert len(folders) == 4
+        assert len(folders) == 3
     assert serve.poll() is not None
     timings["total"] = time.monotonic() - t0
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
