@@ -10,7 +10,8 @@ test of the session (``make test-fast`` asks for none of the slow ones):
   (test_determinism reruns its random steps in a copy).
 - ``mixture_teacher``: the 2-D teacher on the 8-mode Gaussian mixture (EMA weights, frozen).
 - ``digits_feature_net``: the FID feature classifier trained on the embedded digits.
-- ``prefect_server_api``: one real Prefect server for the session's flows and deployments.
+- ``prefect_server_api``: one real Prefect server for the session's flows and deployments,
+  and for the Dask clusters' shard sub-flows (one per xdist worker).
 
 ``mlflow_store`` (per test) is an empty SQLite MLflow store at ``tmp_path / "mlflow.db"``, a
 copy of one made once per session by ``new_mlflow_store``: creating a store runs MLflow's

@@ -1,6 +1,6 @@
 """A real Dask cluster for the tests: ``dask scheduler`` plus worker processes on 127.0.0.1,
-reached by address, with a Prefect server the workers report to. Every process is stopped by
-its PID."""
+reached by address, with a Prefect server the workers report to (the session's, when the
+caller passes it). Every process is stopped by its PID."""
 
 from __future__ import annotations
 
@@ -30,14 +30,17 @@ def _dask() -> str:
 
 
 @contextmanager
-def dask_cluster(n_workers: int = 2, cwd: Path = REPO,
-                 timeout: float = 120.0) -> Iterator[tuple[str, str]]:
-    """Yields (scheduler address, Prefect API URL); workers have one thread each."""
+def dask_cluster(n_workers: int = 2, cwd: Path = REPO, timeout: float = 120.0,
+                 api: str | None = None) -> Iterator[tuple[str, str]]:
+    """Yields (scheduler address, Prefect API URL); workers have one thread each. ``api``: a
+    running Prefect server to report to (conftest's ``prefect_server_api``; a server start
+    costs 12 s of CPU), else the cluster starts and stops its own."""
     from distributed import Client
 
     with ExitStack() as stack:
         home = stack.enter_context(tempfile.TemporaryDirectory(prefix="boss-dask-"))
-        api = stack.enter_context(prefect_server(home=Path(home) / "prefect"))
+        if api is None:
+            api = stack.enter_context(prefect_server(home=Path(home) / "prefect"))
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         env = {**os.environ, **WORKER_ENV, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",

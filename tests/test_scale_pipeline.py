@@ -54,19 +54,21 @@ def _configure(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory):
+def stand_ins(tmp_path_factory, prefect_server_api):
     root = tmp_path_factory.mktemp("scale")
     repo = copy_repo(root / "repo")
     _configure(repo)
     remote = root / "dvc-remote"
     run([str(BIN / "dvc"), "remote", "add", "-d", "stand_in", str(remote)], repo)
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
-        # the cluster (with its Prefect server) and the MLflow server start at the same time
-        cluster = pool.submit(stack.enter_context, dask_cluster(2, cwd=repo))
+        # the cluster (reporting to the session's Prefect server) and the MLflow server start
+        # at the same time
+        cluster = pool.submit(stack.enter_context,
+                              dask_cluster(2, cwd=repo, api=prefect_server_api))
         server = pool.submit(stack.enter_context,
                              mlflow_server(root / "mlflow", serve_artifacts=True))
         (address, api), uri = cluster.result(), server.result()
-        # the shard sub-flows report to the cluster's Prefect server; the stages themselves run
+        # the shard sub-flows report to the session's Prefect server; the stages themselves run
         # plain (BOSS_PREFECT=0): stages as Prefect flows are the flow tests' subject
         extra = {"BOSS_DASK_ADDRESS": address, "PREFECT_API_URL": api,
                  "MLFLOW_TRACKING_URI": uri, "BOSS_PREFECT": "0"}
