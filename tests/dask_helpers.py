@@ -1,6 +1,6 @@
 """A real Dask cluster for the tests: ``dask scheduler`` plus worker processes on 127.0.0.1,
-reached by address, with a Prefect server the workers report to (the session's, when the
-caller passes it). Every process is stopped by its PID."""
+reached by address, reporting to a running Prefect server (the session's). Every process is
+stopped by its PID."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from flows.local_server import free_port, prefect_server, stop_process
+from flows.local_server import free_port, stop_process
 from tasks.runtime.shards import WORKER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,17 +30,15 @@ def _dask() -> str:
 
 
 @contextmanager
-def dask_cluster(n_workers: int = 2, cwd: Path = REPO, timeout: float = 120.0,
-                 api: str | None = None) -> Iterator[tuple[str, str]]:
-    """Yields (scheduler address, Prefect API URL); workers have one thread each. ``api``: a
-    running Prefect server to report to (conftest's ``prefect_server_api``; a server start
-    costs 12 s of CPU), else the cluster starts and stops its own."""
+def dask_cluster(api: str, n_workers: int = 2, cwd: Path = REPO,
+                 timeout: float = 120.0) -> Iterator[tuple[str, str]]:
+    """Yields (scheduler address, ``api``); workers have one thread each and their shard
+    sub-flows report to ``api``, a running Prefect server (conftest's ``prefect_server_api``:
+    one per session rather than one per cluster, as a server start costs 12 s of CPU)."""
     from distributed import Client
 
     with ExitStack() as stack:
         home = stack.enter_context(tempfile.TemporaryDirectory(prefix="boss-dask-"))
-        if api is None:
-            api = stack.enter_context(prefect_server(home=Path(home) / "prefect"))
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         env = {**os.environ, **WORKER_ENV, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",

@@ -57,7 +57,7 @@ SHAPE, N, BATCH, M, SEED = (1, 8, 8), 20, 16, 64, 7
 
 @pytest.fixture(scope="module")
 def cluster(prefect_server_api):
-    with dask_cluster(2, api=prefect_server_api) as (address, api):
+    with dask_cluster(prefect_server_api, 2) as (address, api):
         yield address, api
 
 

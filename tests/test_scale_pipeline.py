@@ -64,7 +64,7 @@ def stand_ins(tmp_path_factory, prefect_server_api):
         # the cluster (reporting to the session's Prefect server) and the MLflow server start
         # at the same time
         cluster = pool.submit(stack.enter_context,
-                              dask_cluster(2, cwd=repo, api=prefect_server_api))
+                              dask_cluster(prefect_server_api, 2, cwd=repo))
         server = pool.submit(stack.enter_context,
                              mlflow_server(root / "mlflow", serve_artifacts=True))
         (address, api), uri = cluster.result(), server.result()
